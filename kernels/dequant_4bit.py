@@ -1,0 +1,59 @@
+"""Blockwise 4-bit (NF4/FP4) dequantization in bitsandbytes' layout, in pure torch.
+
+Layout: two 4-bit codes per byte, the first element in the high nibble. Element `i` of the
+flattened (out, in) weight is `code[q_i] * absmax[i // blocksize]`. With double quantization
+the absmax vector is itself stored as 8-bit codes, blockwise, plus a scalar offset:
+`absmax[b] = code2[a_b] * absmax2[b // blocksize2] + offset`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def dequantize_blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int) -> Tensor:
+    """Dequantize 8-bit blockwise codes: `code[codes[i]] * absmax[i // blocksize]`, fp32."""
+    values = code.float()[codes.reshape(-1).long()]                          # (n,)
+    return _scale_blocks(values, absmax.float(), blocksize)
+
+
+def dequantize_4bit_blockwise(
+    packed: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    blocksize: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+) -> Tensor:
+    """Unpack 4-bit codes and scale each block by its absmax.
+
+    Args:
+        packed: The packed storage, any dtype (a float `quant_storage` is read as raw bytes).
+        absmax: fp32 per-block scale, `ceil(numel / blocksize)` of them.
+        code: The 16-entry lookup table (NF4 or FP4 values in [-1, 1]).
+        blocksize: Elements per absmax block.
+        shape: Shape of the dense weight, e.g. (out, in).
+        dtype: Output dtype.
+
+    Returns:
+        The dense weight of `shape`, in `dtype`.
+    """
+    numel = math.prod(shape)
+    data = packed.contiguous().view(-1).view(torch.uint8)                    # (numel / 2,) bytes
+    if data.numel() * 2 < numel:
+        raise ValueError(f"packed storage holds {data.numel() * 2} codes, the shape {tuple(shape)} needs {numel}")
+    nibbles = torch.stack((data >> 4, data & 0x0F), dim=-1).view(-1)[:numel]  # (numel,) high first
+    values = code.float()[nibbles.long()]
+    return _scale_blocks(values, absmax.float(), blocksize).view(shape).to(dtype)
+
+
+def _scale_blocks(values: Tensor, absmax: Tensor, blocksize: int) -> Tensor:
+    numel = values.numel()
+    blocks = absmax.numel()
+    if blocks * blocksize < numel:
+        raise ValueError(f"{blocks} absmax blocks of {blocksize} cannot cover {numel} elements")
+    padded = torch.nn.functional.pad(values, (0, blocks * blocksize - numel))
+    return (padded.view(blocks, blocksize) * absmax[:, None]).view(-1)[:numel]

@@ -1,0 +1,62 @@
+"""qlora_inject: LoRA adapters for quantized models.
+
+    from qlora_inject import LoraConfig, LoraModel
+    model = LoraModel(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), "default")
+
+Layers of every registered format (bitsandbytes 4-bit and 8-bit, plain `nn.Linear`/`Conv1D`) are
+wrapped with `LoraLinear`, which keeps the original module as a frozen `base_layer`.
+"""
+
+from qlora_inject.adapter_io import read_adapter, save_adapter
+from qlora_inject.config import LoraConfig
+from qlora_inject.inject import (
+    InjectionReport,
+    WrappedModule,
+    adapter_names,
+    delete_adapter,
+    freeze_base,
+    inject,
+    set_active_adapters,
+)
+from qlora_inject.lora import AdapterSpec, LoraLinear
+from qlora_inject.model import LoraModel
+from qlora_inject.modules_to_save import ModulesToSaveWrapper
+from qlora_inject.registry import (
+    Backend,
+    UnsupportedModuleError,
+    backend_names,
+    find_backend,
+    get_backend,
+    register_backend,
+    unregister_backend,
+)
+from qlora_inject.targeting import TargetNotFoundError, explain, select
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterSpec",
+    "Backend",
+    "InjectionReport",
+    "LoraConfig",
+    "LoraLinear",
+    "LoraModel",
+    "ModulesToSaveWrapper",
+    "TargetNotFoundError",
+    "UnsupportedModuleError",
+    "WrappedModule",
+    "adapter_names",
+    "backend_names",
+    "delete_adapter",
+    "explain",
+    "find_backend",
+    "freeze_base",
+    "get_backend",
+    "inject",
+    "read_adapter",
+    "register_backend",
+    "save_adapter",
+    "select",
+    "set_active_adapters",
+    "unregister_backend",
+]

@@ -1,0 +1,137 @@
+"""Adapter files in PEFT's format: `adapter_model.safetensors` + `adapter_config.json`.
+
+Keys are PEFT's: `base_model.model.<module path>.lora_A.weight`, the adapter name removed. Writes
+go to a temporary file in the same folder and are renamed into place, so a save that dies midway
+leaves the previous adapter whole. Loads check every key and shape before anything is attached.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from qlora_inject.config import CONFIG_NAME, LoraConfig
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_ADAPTER_SEGMENTS = ("lora_A", "lora_B", "modules_to_save")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
+    """One adapter's tensors under PEFT's keys (adapter name removed, `base_model.model.` prefix)."""
+    out: dict[str, Tensor] = {}
+    tag = f".{adapter_name}."
+    for key, tensor in model.state_dict().items():
+        segment = next((s for s in _ADAPTER_SEGMENTS if f".{s}{tag}" in f".{key}"), None)
+        if segment is not None:
+            out[PREFIX + key.replace(f"{segment}{tag}", f"{segment}.")] = tensor
+        elif _is_saved_bias(key, bias):
+            out[PREFIX + key] = tensor
+    return out
+
+
+def peft_key_to_model_key(key: str, adapter_name: str) -> str:
+    """`base_model.model.x.lora_A.weight` → `x.lora_A.<adapter>.weight`."""
+    if not key.startswith(PREFIX):
+        raise ValueError(f"adapter key {key!r} does not start with {PREFIX!r}; is this a PEFT LoRA adapter file?")
+    key = key[len(PREFIX):]
+    for segment in _ADAPTER_SEGMENTS:
+        marker = f".{segment}."
+        if marker in f".{key}":
+            head, _, tail = f".{key}".partition(marker)
+            return f"{head}{marker}{adapter_name}.{tail}".removeprefix(".")
+    return key
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraConfig,
+                 adapter_name: str = "default") -> Path:
+    """Write one adapter in PEFT's format into `directory`; return the directory.
+
+    `model` is the model that holds the LoRA layers (not a `LoraModel` facade: pass `.model`).
+    """
+    from safetensors.torch import save
+
+    tensors = adapter_state_dict(model, adapter_name, config.bias)
+    if not any(".lora_A." in k for k in tensors):
+        raise ValueError(f"adapter {adapter_name!r} is not in this model; nothing to save")
+    directory = Path(directory)
+    # Weights first, config last: a directory whose config is new has new weights too.
+    blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    atomic_write_bytes(directory / WEIGHTS_NAME, blob)
+    config.save_pretrained(directory)
+    return directory
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """Read an adapter directory (ours or PEFT's) without touching any model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = LoraConfig.from_pretrained(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(directory)!r}; (.bin adapters are not read, convert them)")
+    try:
+        tensors = load_file(weights)
+    except SafetensorError as err:
+        raise ValueError(f"{weights} is not a readable safetensors file ({err}); re-save the adapter") from None
+    return config, tensors
+
+
+def check_and_copy(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str) -> None:
+    """Copy PEFT-keyed `tensors` into `model`'s adapter `adapter_name`, all or nothing.
+
+    Raises:
+        ValueError: Naming every missing, unexpected and mis-shaped key; nothing is copied then.
+    """
+    state = model.state_dict()
+    mapped = {peft_key_to_model_key(k, adapter_name): v for k, v in tensors.items()}
+    expected = {k for k in state if any(f".{s}.{adapter_name}." in f".{k}" for s in _ADAPTER_SEGMENTS)}
+    missing = sorted(expected - mapped.keys())
+    unexpected = sorted(k for k in mapped if k not in state)
+    misshaped = sorted(f"{k}: file {tuple(v.shape)}, model {tuple(state[k].shape)}"
+                       for k, v in mapped.items() if k in state and state[k].shape != v.shape)
+    if missing or unexpected or misshaped:
+        parts = [f"{label} ({len(keys)}): {keys[:5]}{' …' if len(keys) > 5 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                 if keys]
+        raise ValueError(
+            f"adapter weights do not fit the model: {'; '.join(parts)}. "
+            "Load it onto the base model it was trained on, with its own adapter_config.json"
+        )
+    with torch.no_grad():
+        for key, value in mapped.items():
+            state[key].copy_(value)
+
+
+def _is_saved_bias(key: str, bias: str) -> bool:
+    if bias == "all":
+        return key.endswith(".bias") and ".lora_" not in key
+    if bias == "lora_only":
+        return key.endswith(".base_layer.bias")
+    return False
+
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "atomic_write_bytes", "check_and_copy",
+           "read_adapter", "save_adapter"]

@@ -1,0 +1,11 @@
+"""Built-in backends, registered in dispatch order: quantized formats first, dense last."""
+
+from qlora_inject.backends.bnb import Bnb4bitBackend, Bnb8bitBackend
+from qlora_inject.backends.dense import DenseBackend
+from qlora_inject.registry import register_backend
+
+DENSE = register_backend(DenseBackend())
+BNB_8BIT = register_backend(Bnb8bitBackend())
+BNB_4BIT = register_backend(Bnb4bitBackend())
+
+__all__ = ["Bnb4bitBackend", "Bnb8bitBackend", "DenseBackend"]

@@ -1,0 +1,141 @@
+"""bitsandbytes layers: `Linear4bit` (NF4/FP4, optional double quantization) and `Linear8bitLt`.
+
+Both subclass `nn.Linear`, so they are registered ahead of the dense backend. They are recognised
+by class name along the MRO (no import needed) and, for look-alikes, by their weight's attributes
+(`Params4bit.quant_state`, `Int8Params.SCB`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise, dequantize_blockwise_8bit
+from qlora_inject.registry import class_is
+
+
+def _import_bnb():
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(
+            "this operation needs bitsandbytes; install it with `pip install 'qlora-inject[bnb]'`"
+        ) from err
+    return bitsandbytes
+
+
+class Bnb4bitBackend:
+    """`bnb.nn.Linear4bit`: packed 4-bit codes in `weight`, scales in `weight.quant_state`."""
+
+    name = "bnb-4bit"
+
+    def matches(self, module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return class_is(module, "Linear4bit", "bitsandbytes") or (
+            hasattr(weight, "quant_state") and hasattr(weight, "quant_type")
+        )
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        if hasattr(module, "in_features"):
+            return module.in_features, module.out_features
+        out_features, in_features = module.weight.quant_state.shape
+        return in_features, out_features
+
+    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
+        if getattr(module, "compute_dtype", None) is not None:
+            return module.compute_dtype
+        state = module.weight.quant_state
+        return state.dtype if state is not None else None
+
+    def dequantize(self, module: nn.Module) -> Tensor:
+        state = _quant_state(module)
+        absmax = state.absmax
+        if state.nested:
+            nested = state.state2
+            absmax = dequantize_blockwise_8bit(absmax, nested.code, nested.absmax, nested.blocksize) + state.offset
+        return dequantize_4bit_blockwise(
+            module.weight.data, absmax, state.code, state.blocksize, tuple(state.shape), state.dtype
+        )                                                                    # (out, in)
+
+    def forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        return module(x)
+
+    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
+        bnb = _import_bnb()
+        state = _quant_state(module)
+        old = module.weight
+        in_features, out_features = self.features(module)
+        new = bnb.nn.Linear4bit(
+            in_features, out_features, bias=module.bias is not None, compute_dtype=module.compute_dtype,
+            compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=old.data.dtype,
+            device="meta",
+        )
+        new.weight = bnb.nn.Params4bit(
+            weight.detach().to("cpu", state.dtype), requires_grad=False, blocksize=state.blocksize,
+            compress_statistics=state.nested, quant_type=state.quant_type, quant_storage=old.data.dtype,
+        ).to(old.device)                                                     # bnb quantizes on .to()
+        if module.bias is not None:
+            new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        return new
+
+
+class Bnb8bitBackend:
+    """`bnb.nn.Linear8bitLt` (LLM.int8): int8 rows `CB` and row scales `SCB`, W ≈ CB·SCB/127.
+
+    The base forward is the module's own: with `threshold > 0` it routes outlier input columns
+    through a separate fp16 matmul, which dequantize-then-matmul would not reproduce.
+    """
+
+    name = "bnb-8bit"
+
+    def matches(self, module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return class_is(module, "Linear8bitLt", "bitsandbytes") or (
+            hasattr(weight, "SCB") and hasattr(weight, "CB") and hasattr(module, "state")
+        )
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
+        return None                                                          # follows the input
+
+    def dequantize(self, module: nn.Module) -> Tensor:
+        weight = module.weight
+        if weight.dtype != torch.int8:                                      # has_fp16_weights, not quantized
+            return weight.detach()
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        if scales is None:
+            raise ValueError(
+                f"{type(module).__name__} holds int8 weights but no row scales (weight.SCB and state.SCB "
+                "are both None); load it through bitsandbytes/transformers so the scales are set"
+            )
+        return weight.data.float() * (scales.float()[:, None] / 127.0)       # (out, in) fp32
+
+    def forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        return module(x)
+
+    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
+        bnb = _import_bnb()
+        in_features, out_features = self.features(module)
+        device = module.weight.device
+        new = bnb.nn.Linear8bitLt(
+            in_features, out_features, bias=module.bias is not None, has_fp16_weights=False,
+            threshold=module.state.threshold, device="meta",
+        )
+        new.weight = bnb.nn.Int8Params(
+            weight.detach().to("cpu", torch.float16), requires_grad=False, has_fp16_weights=False
+        ).to(device)                                                         # bnb quantizes on .to()
+        if module.bias is not None:
+            new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
+        return new
+
+
+def _quant_state(module: nn.Module):
+    state = getattr(module.weight, "quant_state", None)
+    if state is None:
+        raise ValueError(
+            f"{type(module).__name__} has not been quantized yet (weight.quant_state is None); "
+            "bitsandbytes quantizes when the layer is moved to a device: call `.to('cuda')` or `.to('cpu')` first"
+        )
+    return state

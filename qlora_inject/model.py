@@ -1,0 +1,202 @@
+"""`LoraModel`: the PEFT-familiar facade over `inject`.
+
+    model = LoraModel(model, LoraConfig(r=16, target_modules=[...]), "default")
+
+`LoraModel.model` is the wrapped model (modified in place); attribute lookups fall through to it,
+so `model.config`, `model.generate` and friends work as on the original.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+
+from qlora_inject import adapter_io
+from qlora_inject.config import LoraConfig
+from qlora_inject.inject import (
+    InjectionReport,
+    adapter_names,
+    delete_adapter,
+    inject,
+    set_active_adapters,
+)
+from qlora_inject.lora import LoraLinear
+from qlora_inject.modules_to_save import ModulesToSaveWrapper
+
+
+class LoraModel(nn.Module):
+    """A model with LoRA adapters injected into its (possibly quantized) layers.
+
+    Args:
+        model: The model to adapt; changed in place and kept as `self.model`.
+        config: The adapter's `LoraConfig`.
+        adapter_name: Name of the first adapter.
+    """
+
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self.reports: dict[str, InjectionReport] = {}
+        self.add_adapter(adapter_name, config)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with its LoRA layers in place)."""
+        return self.model
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig) -> InjectionReport:
+        """Inject another adapter; the active adapters stay as they are (the first becomes active)."""
+        report = inject(self.model, config, adapter_name)
+        self.peft_config[adapter_name] = config
+        self.reports[adapter_name] = report
+        return report
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; layers left without adapters get their base module back."""
+        delete_adapter(self.model, adapter_name)
+        self.peft_config.pop(adapter_name, None)
+        self.reports.pop(adapter_name, None)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter, or several (their outputs add up); the others stop training."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"adapter(s) {unknown} do not exist; adapters: {list(self.peft_config)}")
+        set_active_adapters(self.model, names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        for module in self.model.modules():
+            if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+                return list(module.active_adapters)
+        return []
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    def _set_adapters_disabled(self, disabled: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+                module.disable_adapters = disabled
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapters_disabled(False)
+
+    def disable_adapter_layers(self) -> None:
+        self._set_adapters_disabled(True)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: inside it the model computes as the base model alone."""
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    # --- parameters -----------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """`(trainable, total)` parameter counts; packed quantized weights count their real elements."""
+        trainable = total = 0
+        for param in self.model.parameters():
+            count = _logical_numel(param)
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
+        """Save one adapter (the active one by default) in PEFT's format."""
+        name = adapter_name or (self.active_adapters or list(self.peft_config))[0]
+        if name not in self.peft_config:
+            raise ValueError(f"adapter {name!r} does not exist; adapters: {list(self.peft_config)}")
+        return adapter_io.save_adapter(self.model, directory, self.peft_config[name], name)
+
+    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default",
+                     is_trainable: bool = False) -> InjectionReport:
+        """Add an adapter saved here or by PEFT. On any mismatch the model is left as it was."""
+        config, tensors = adapter_io.read_adapter(directory)
+        flags = _grad_flags(self.model)
+        active = self.active_adapters
+        report = self.add_adapter(adapter_name, config)
+        try:
+            _fill_loaded(self.model, tensors, adapter_name, flags, is_trainable)
+        except BaseException:
+            self.peft_config.pop(adapter_name, None)
+            self.reports.pop(adapter_name, None)
+            raise
+        if active and adapter_name not in active:
+            set_active_adapters(self.model, active)
+        return report
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False) -> LoraModel:
+        """Wrap `model` with an adapter read from `directory` (saved here or by PEFT)."""
+        config, tensors = adapter_io.read_adapter(directory)
+        flags = _grad_flags(model)
+        lora_model = cls(model, config, adapter_name)
+        _fill_loaded(model, tensors, adapter_name, flags, is_trainable)
+        return lora_model
+
+
+def _grad_flags(model: nn.Module) -> dict[str, bool]:
+    return {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def _fill_loaded(model: nn.Module, tensors: dict, adapter_name: str, flags: dict[str, bool],
+                 is_trainable: bool) -> None:
+    """Copy loaded tensors into a just-injected adapter; on a mismatch remove it and restore `flags`."""
+    try:
+        adapter_io.check_and_copy(model, tensors, adapter_name)
+    except BaseException:
+        delete_adapter(model, adapter_name)
+        for name, param in model.named_parameters():
+            param.requires_grad_(flags.get(name, param.requires_grad))
+        raise
+    if not is_trainable:
+        for name, param in model.named_parameters():
+            if f".{adapter_name}." in name:
+                param.requires_grad_(False)
+
+
+def _logical_numel(param: nn.Parameter) -> int:
+    """Elements of the dense tensor a parameter stands for (a packed 4-bit weight holds two a byte)."""
+    state = getattr(param, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return math.prod(int(d) for d in state.shape)
+    return param.numel()
+
+
+__all__ = ["LoraModel", "adapter_names"]

@@ -1,0 +1,50 @@
+"""`ModulesToSaveWrapper`: a module trained in full (a head, an embedding) as part of an adapter.
+
+The original stays frozen as `original_module`; each adapter trains its own copy in
+`modules_to_save[adapter]`. PEFT's layout and names, so the saved keys match PEFT's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Routes calls to the active adapter's trainable copy, or to the original when none is active."""
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    def build_copy(self) -> nn.Module:
+        """A trainable copy of the original, not yet attached."""
+        clone = copy.deepcopy(self.original_module)
+        for param in clone.parameters():
+            param.requires_grad_(True)
+        return clone
+
+    def set_adapter(self, adapter_names: list[str]) -> None:
+        """Activate the first of `adapter_names` that has a copy here (one copy can run at a time)."""
+        self.active_adapters = list(adapter_names)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name in self.active_adapters)
+
+    @property
+    def active_module(self) -> nn.Module:
+        if not self.disable_adapters:
+            for name in self.active_adapters:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    @property
+    def weight(self):
+        return self.active_module.weight
+
+    def forward(self, *args, **kwargs):
+        return self.active_module(*args, **kwargs)

@@ -1,0 +1,104 @@
+"""Small layers and models built by the real libraries, for tests.
+
+Every factory builds from a fixed dense weight, so two calls give bit-identical modules:
+that is how a layer is handed to both this library and PEFT.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# in_features a multiple of the 4-bit blocksize: bitsandbytes 0.50's CPU dequantize_4bit mis-reads
+# blocks that straddle rows (see tests/backends/test_bnb.py), as real model shapes never do.
+IN_FEATURES, OUT_FEATURES = 128, 48
+
+
+def dense_weight(out_features: int = OUT_FEATURES, in_features: int = IN_FEATURES) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+
+
+def dense_bias(out_features: int = OUT_FEATURES) -> torch.Tensor:
+    return torch.randn(out_features, generator=torch.Generator().manual_seed(99)) * 0.1
+
+
+def make_dense(dtype: torch.dtype = torch.float32, bias: bool = True) -> nn.Linear:
+    layer = nn.Linear(IN_FEATURES, OUT_FEATURES, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(dense_weight())
+        if bias:
+            layer.bias.copy_(dense_bias())
+    return layer
+
+
+def make_bnb4(quant_type: str = "nf4", double_quant: bool = True, dtype: torch.dtype = torch.float32,
+              quant_storage: torch.dtype = torch.uint8, bias: bool = True) -> nn.Module:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(IN_FEATURES, OUT_FEATURES, bias=bias, compute_dtype=dtype, quant_type=quant_type,
+                              compress_statistics=double_quant, quant_storage=quant_storage)
+    layer.weight = bnb.nn.Params4bit(dense_weight().to(dtype), requires_grad=False, quant_type=quant_type,
+                                     compress_statistics=double_quant, quant_storage=quant_storage)
+    if bias:
+        layer.bias = nn.Parameter(dense_bias().to(dtype), requires_grad=False)
+    return layer.to("cpu")                                                   # bnb quantizes here
+
+
+def make_bnb8(threshold: float = 0.0, bias: bool = True) -> nn.Module:
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear8bitLt(IN_FEATURES, OUT_FEATURES, bias=bias, has_fp16_weights=False, threshold=threshold)
+    layer.weight = bnb.nn.Int8Params(dense_weight().half(), requires_grad=False, has_fp16_weights=False)
+    if bias:
+        layer.bias = nn.Parameter(dense_bias(), requires_grad=False)
+    return layer.to("cpu")
+
+
+class Holder(nn.Module):
+    """One layer under the name `proj`, so PEFT and this library can both target it."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@cache
+def tiny_llama_dir() -> Path:
+    """A saved Llama-architecture model with random weights (2 layers, hidden 64)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    directory = Path(tempfile.mkdtemp(prefix="tiny-llama-"))
+    model.save_pretrained(directory)
+    return directory
+
+
+def load_tiny_llama(quant: str = "none") -> nn.Module:
+    """The tiny Llama, loaded through transformers: 'none', 'nf4', 'fp4' or 'int8' (bitsandbytes, CPU)."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    configs = {
+        "none": None,
+        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32),
+        "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+        "int8": BitsAndBytesConfig(load_in_8bit=True),
+    }
+    quantization = configs[quant]
+    if quantization is None:
+        return LlamaForCausalLM.from_pretrained(tiny_llama_dir())
+    return LlamaForCausalLM.from_pretrained(tiny_llama_dir(), quantization_config=quantization, device_map="cpu")
