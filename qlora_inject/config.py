@@ -127,6 +127,12 @@ class LoraConfig:
                 setattr(self, name, sorted(value))
             elif value is not None and not isinstance(value, (str, list)):
                 raise TypeError(f"{name}={value!r} must be a list of names or a regex string")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError(
+                f"layers_to_transform={self.layers_to_transform!r} cannot be combined with the regex "
+                f"target_modules={self.target_modules!r} (PEFT refuses it too); put the layer numbers in the "
+                "regex, or pass target_modules as a list of names"
+            )
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern is not None and self.layers_to_transform is None:

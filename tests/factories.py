@@ -37,15 +37,17 @@ def make_dense(dtype: torch.dtype = torch.float32, bias: bool = True) -> nn.Line
 
 
 def make_bnb4(quant_type: str = "nf4", double_quant: bool = True, dtype: torch.dtype = torch.float32,
-              quant_storage: torch.dtype = torch.uint8, bias: bool = True) -> nn.Module:
+              quant_storage: torch.dtype = torch.uint8, bias: bool = True,
+              out_features: int = OUT_FEATURES) -> nn.Module:
     import bitsandbytes as bnb
 
-    layer = bnb.nn.Linear4bit(IN_FEATURES, OUT_FEATURES, bias=bias, compute_dtype=dtype, quant_type=quant_type,
+    layer = bnb.nn.Linear4bit(IN_FEATURES, out_features, bias=bias, compute_dtype=dtype, quant_type=quant_type,
                               compress_statistics=double_quant, quant_storage=quant_storage)
-    layer.weight = bnb.nn.Params4bit(dense_weight().to(dtype), requires_grad=False, quant_type=quant_type,
-                                     compress_statistics=double_quant, quant_storage=quant_storage)
+    layer.weight = bnb.nn.Params4bit(dense_weight(out_features).to(dtype), requires_grad=False,
+                                     quant_type=quant_type, compress_statistics=double_quant,
+                                     quant_storage=quant_storage)
     if bias:
-        layer.bias = nn.Parameter(dense_bias().to(dtype), requires_grad=False)
+        layer.bias = nn.Parameter(dense_bias(out_features).to(dtype), requires_grad=False)
     return layer.to("cpu")                                                   # bnb quantizes here
 
 

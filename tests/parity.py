@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from factories import IN_FEATURES, Holder
 from torch import nn
 
 from qlora_inject import LoraConfig, inject
+
+from factories import IN_FEATURES, Holder
 
 # Tolerances per compute dtype.
 TOL = {

@@ -36,6 +36,7 @@ class Bnb4bitBackend:
         )
 
     def features(self, module: nn.Module) -> tuple[int, int]:
+        _keep_canonical_layout(module)                                       # checked while planning
         if hasattr(module, "in_features"):
             return module.in_features, module.out_features
         out_features, in_features = module.weight.quant_state.shape
@@ -48,6 +49,7 @@ class Bnb4bitBackend:
         return state.dtype if state is not None else None
 
     def dequantize(self, module: nn.Module) -> Tensor:
+        _keep_canonical_layout(module)
         state = _quant_state(module)
         absmax = state.absmax
         if state.nested:
@@ -58,6 +60,7 @@ class Bnb4bitBackend:
         )                                                                    # (out, in)
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        _keep_canonical_layout(module)
         return module(x)
 
     def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
@@ -129,6 +132,26 @@ class Bnb8bitBackend:
         if module.bias is not None:
             new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         return new
+
+
+def _keep_canonical_layout(module: nn.Module) -> None:
+    """Keep a 4-bit layer in bitsandbytes' portable layout while it is a LoRA base.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.49, 0.50) repacks a `Linear4bit` in place the first
+    time it runs in eval mode on an input that needs no gradient: a CPU-only tile layout, absmax
+    rounded to bf16 and transposed. That would change the frozen base's bits (and bitsandbytes'
+    own inverse does not restore absmax's order), so wrapped layers opt out of the repack, and a
+    layer repacked before it was wrapped is refused.
+    """
+    if getattr(module, "support_avx512bf16_for_cpu", False):
+        module.support_avx512bf16_for_cpu = False
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        raise ValueError(
+            f"this {type(module).__name__} was repacked by bitsandbytes for CPU inference (it ran in eval mode "
+            "before being wrapped; quant_state.packing_format_for_cpu=True), a layout that cannot train and that "
+            "bitsandbytes cannot undo exactly. Reload the model and inject LoRA before running it in eval mode"
+        )
 
 
 def _quant_state(module: nn.Module):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from qlora_inject import find_backend
+
 from conftest import requires
 from factories import dense_weight, make_bnb4, make_bnb8
 from parity import TOL, assert_dequantized_plus_lora, assert_matches_peft
-
-from qlora_inject import find_backend
 
 pytestmark = requires("bitsandbytes")
 
@@ -145,3 +146,37 @@ def test_4bit_dequantize_is_faithful_when_blocks_straddle_rows(shape, quant_type
     bound = (flat.abs().max(dim=1).values[:, None] * step).expand(-1, 64).reshape(-1)[: weight.numel()]
     assert ((ours - weight).view(-1).abs() <= bound + 1e-6).all()
     torch.testing.assert_close(state.absmax, flat.abs().max(dim=1).values)
+
+
+def test_cpu_repacking_in_eval_mode_does_not_touch_a_wrapped_base():
+    """bitsandbytes repacks a 4-bit weight in place for fast CPU inference (AVX512-BF16 machines).
+
+    A wrapped base must keep its bits in eval mode; a layer repacked before wrapping is restored.
+    """
+    import bitsandbytes as bnb
+
+    from qlora_inject import LoraConfig, inject
+
+    from factories import Holder
+    from parity import assert_same_state, clone_state
+
+    model = Holder(make_bnb4("nf4", True, out_features=64))                  # the repack needs out % 32 == 0
+    model.proj.support_avx512bf16_for_cpu = True                            # as on such a CPU
+    inject(model, LoraConfig(target_modules=["proj"]))
+    before = clone_state(model)
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, model.proj.in_features))
+    assert_same_state(before, clone_state(model))
+    assert not getattr(model.proj.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("bitsandbytes only repacks on CPUs with AVX512-BF16")
+    model = Holder(make_bnb4("nf4", False, out_features=64).eval())
+    model.proj.support_avx512bf16_for_cpu = True
+    with torch.no_grad():
+        model(torch.randn(2, model.proj.in_features))                      # bitsandbytes repacks here
+    assert model.proj.weight.quant_state.packing_format_for_cpu
+    with pytest.raises(ValueError, match=r"repacked by bitsandbytes for CPU inference.*inject LoRA before"):
+        inject(model, LoraConfig(target_modules=["proj"]))
+    assert type(model.proj).__name__ == "Linear4bit"

@@ -1,0 +1,108 @@
+"""LoraConfig: validation at the boundary, and adapter_config.json both ways with PEFT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlora_inject import LoraConfig
+
+from conftest import requires
+
+
+@pytest.mark.parametrize("r", [0, -4, 2.5, True])
+def test_bad_rank_is_refused(r):
+    with pytest.raises(ValueError, match=rf"r={r!r} must be a positive integer, e\.g\. r=16"):
+        LoraConfig(r=r)
+
+
+def test_bad_rank_pattern_is_refused():
+    with pytest.raises(ValueError, match=r"rank_pattern\['q_proj'\]=0 must be a positive integer"):
+        LoraConfig(rank_pattern={"q_proj": 0})
+
+
+def test_bad_regex_is_refused():
+    with pytest.raises(ValueError, match=r"target_modules='q_proj\[' is not a valid regular expression"):
+        LoraConfig(target_modules="q_proj[")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("bias", "some", r"bias='some' is not one of \('none', 'all', 'lora_only'\)"),
+    ("lora_dropout", 1.5, r"lora_dropout=1\.5 must be in \[0, 1\)"),
+    ("init_lora_weights", "pissa", r"init_lora_weights='pissa' is not supported.*not implemented yet"),
+    ("use_dora", True, r"use_dora=True is not implemented yet"),
+    ("compute_dtype", "int8", r"compute_dtype='int8' is not a dtype"),
+])
+def test_bad_fields_name_value_and_fix(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LoraConfig(**{field: value})
+
+
+def test_layer_filter_with_a_regex_target_is_refused():
+    with pytest.raises(ValueError, match=r"layers_to_transform=\[0\] cannot be combined with the regex"):
+        LoraConfig(target_modules=r".*q_proj", layers_to_transform=[0])
+
+
+def test_layers_pattern_needs_layers_to_transform():
+    with pytest.raises(ValueError, match=r"layers_pattern='layers' is only used with layers_to_transform"):
+        LoraConfig(layers_pattern="layers")
+
+
+def test_dtype_strings_are_parsed():
+    config = LoraConfig(compute_dtype="bfloat16", adapter_dtype=torch.float16)
+    assert config.compute_dtype is torch.bfloat16
+    assert config.adapter_dtype is torch.float16
+
+
+def test_rank_and_alpha_patterns_follow_peft_matching():
+    config = LoraConfig(r=8, lora_alpha=16, rank_pattern={"q_proj": 4, r"layers\.1\.mlp\..*": 2},
+                        alpha_pattern={"v_proj": 3})
+    assert config.rank_for("model.layers.0.self_attn.q_proj") == 4
+    assert config.rank_for("model.layers.1.mlp.up_proj") == 2
+    assert config.rank_for("model.layers.0.mlp.up_proj") == 8
+    assert config.rank_for("model.layers.0.self_attn.qq_proj") == 8          # a suffix after a dot only
+    assert config.alpha_for("model.layers.0.self_attn.v_proj") == 3
+    assert config.alpha_for("model.layers.0.self_attn.q_proj") == 16
+
+
+def test_round_trip_through_json(tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2},
+                        use_rslora=True, compute_dtype="bfloat16")
+    path = config.save_pretrained(tmp_path)
+    data = json.loads(path.read_text())
+    assert "compute_dtype" not in data and data["peft_type"] == "LORA"
+    again = LoraConfig.from_pretrained(tmp_path)
+    assert again.to_dict() == config.to_dict()
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no adapter_config\.json in"):
+        LoraConfig.from_pretrained(tmp_path)
+
+
+@requires("peft")
+def test_peft_reads_our_config_and_we_read_peft(tmp_path):
+    import peft
+
+    for ours in (
+        LoraConfig(r=4, lora_alpha=8, target_modules=r".*\.(q|v)_proj", use_rslora=True, alpha_pattern={"v_proj": 2}),
+        LoraConfig(target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers", bias="all"),
+    ):
+        ours.save_pretrained(tmp_path / "ours")
+        theirs = peft.LoraConfig.from_pretrained(tmp_path / "ours")
+        for field in ("r", "lora_alpha", "use_rslora", "layers_to_transform", "layers_pattern", "alpha_pattern",
+                      "bias"):
+            assert getattr(theirs, field) == getattr(ours, field), field
+        assert theirs.target_modules == (set(ours.target_modules) if isinstance(ours.target_modules, list)
+                                         else ours.target_modules)
+
+    peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], bias="lora_only").save_pretrained(tmp_path / "p")
+    back = LoraConfig.from_pretrained(tmp_path / "p")
+    assert (back.r, back.lora_alpha, back.target_modules, back.bias) == (2, 4, ["q_proj"], "lora_only")
+
+
+def test_unimplemented_peft_features_are_refused():
+    with pytest.raises(ValueError, match=r"sets \['use_qalora'\], which qlora_inject does not implement"):
+        LoraConfig.from_dict({"r": 4, "use_qalora": True, "peft_version": "0.21"})
