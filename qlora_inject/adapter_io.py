@@ -19,6 +19,7 @@ from qlora_inject.config import CONFIG_NAME, LoraConfig
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _ADAPTER_SEGMENTS = ("lora_A", "lora_B", "modules_to_save")
+_SAVED_COPY = "modules_to_save"                                               # PEFT drops this level in files
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -43,15 +44,18 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") 
     tag = f".{adapter_name}."
     for key, tensor in model.state_dict().items():
         segment = next((s for s in _ADAPTER_SEGMENTS if f".{s}{tag}" in f".{key}"), None)
-        if segment is not None:
+        if segment == _SAVED_COPY:                                           # lm_head.modules_to_save.a.weight
+            out[PREFIX + key.replace(f"{segment}{tag}", "")] = tensor        # → lm_head.weight
+        elif segment is not None:
             out[PREFIX + key.replace(f"{segment}{tag}", f"{segment}.")] = tensor
         elif _is_saved_bias(key, bias):
             out[PREFIX + key] = tensor
     return out
 
 
-def peft_key_to_model_key(key: str, adapter_name: str) -> str:
-    """`base_model.model.x.lora_A.weight` → `x.lora_A.<adapter>.weight`."""
+def peft_key_to_model_key(key: str, adapter_name: str, model_keys) -> str:
+    """`base_model.model.x.lora_A.weight` → `x.lora_A.<adapter>.weight`;
+    `base_model.model.lm_head.weight` → `lm_head.modules_to_save.<adapter>.weight` when lm_head is saved whole."""
     if not key.startswith(PREFIX):
         raise ValueError(f"adapter key {key!r} does not start with {PREFIX!r}; is this a PEFT LoRA adapter file?")
     key = key[len(PREFIX):]
@@ -60,7 +64,9 @@ def peft_key_to_model_key(key: str, adapter_name: str) -> str:
         if marker in f".{key}":
             head, _, tail = f".{key}".partition(marker)
             return f"{head}{marker}{adapter_name}.{tail}".removeprefix(".")
-    return key
+    module, _, leaf = key.rpartition(".")
+    saved_copy = f"{module}.{_SAVED_COPY}.{adapter_name}.{leaf}".removeprefix(".")
+    return saved_copy if saved_copy in model_keys else key
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraConfig,
@@ -106,14 +112,17 @@ def check_and_copy(model: nn.Module, tensors: dict[str, Tensor], adapter_name: s
         ValueError: Naming every missing, unexpected and mis-shaped key; nothing is copied then.
     """
     state = model.state_dict()
-    mapped = {peft_key_to_model_key(k, adapter_name): v for k, v in tensors.items()}
+    mapped = {peft_key_to_model_key(k, adapter_name, state.keys()): v for k, v in tensors.items()}
     expected = {k for k in state if any(f".{s}.{adapter_name}." in f".{k}" for s in _ADAPTER_SEGMENTS)}
     missing = sorted(expected - mapped.keys())
     unexpected = sorted(k for k in mapped if k not in state)
     misshaped = sorted(f"{k}: file {tuple(v.shape)}, model {tuple(state[k].shape)}"
                        for k, v in mapped.items() if k in state and state[k].shape != v.shape)
     if missing or unexpected or misshaped:
-        parts = [f"{label} ({len(keys)}): {keys[:5]}{' …' if len(keys) > 5 else ''}"
+        def shown(keys: list[str]) -> list[str]:                            # as the file names them
+            return [k.replace(f".{adapter_name}.", ".") for k in keys[:5]]
+
+        parts = [f"{label} ({len(keys)}): {shown(keys)}{' …' if len(keys) > 5 else ''}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
                  if keys]
         raise ValueError(

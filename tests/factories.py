@@ -103,4 +103,11 @@ def load_tiny_llama(quant: str = "none") -> nn.Module:
     quantization = configs[quant]
     if quantization is None:
         return LlamaForCausalLM.from_pretrained(tiny_llama_dir())
-    return LlamaForCausalLM.from_pretrained(tiny_llama_dir(), quantization_config=quantization, device_map="cpu")
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir(), quantization_config=quantization, device_map="cpu")
+    # bitsandbytes would repack 4-bit weights for a bf16 CPU kernel on the first eval-mode forward
+    # (AVX512-BF16 machines), changing that model's numerics; wrapped layers never repack, so a
+    # model compared with ours (PEFT's, or the bare base) must not either.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
