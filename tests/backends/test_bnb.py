@@ -136,7 +136,7 @@ def test_4bit_dequantize_is_faithful_when_blocks_straddle_rows(shape, quant_type
     # code step of the original, scaled by its block's absmax.
     import bitsandbytes.functional as bnbF
 
-    from qlora_inject.kernels import dequantize_4bit_blockwise
+    from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise
 
     weight = torch.randn(shape)
     packed, state = bnbF.quantize_4bit(weight, blocksize=64, quant_type=quant_type)

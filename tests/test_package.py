@@ -1,0 +1,42 @@
+"""Packaging facts: imports with torch alone, kernels under qlora_inject only, the quickstart job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import requires
+
+
+def run_python(code: str, cwd: str = "/") -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, check=True)
+    return result.stdout.strip()
+
+
+def test_import_needs_torch_alone():
+    out = run_python(
+        "import sys, qlora_inject, torch\n"
+        "from qlora_inject import find_backend\n"
+        "find_backend(torch.nn.Linear(2, 2))\n"
+        "print(sorted(m for m in ('bitsandbytes', 'transformers', 'peft', 'hqq', 'safetensors') if m in sys.modules))"
+    )
+    assert out == "[]"
+
+
+def test_kernels_live_under_qlora_inject_only():
+    out = run_python(
+        "import importlib.util, qlora_inject.kernels.dequant_4bit as d\n"
+        "print(d.__name__, importlib.util.find_spec('kernels') is None or 'site-packages/kernels' in "
+        "str(importlib.util.find_spec('kernels').origin))"
+    )
+    assert out == "qlora_inject.kernels.dequant_4bit True"
+
+
+@requires("transformers")
+@requires("bitsandbytes")
+def test_quickstart_runs_the_seed_script_and_learns(tmp_path):
+    from qlora_inject.cli import main
+
+    assert main(["quickstart", "--steps", "12", "--output", str(tmp_path / "adapter")]) == 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert main(["quickstart", "--steps", "0"]) == 2
