@@ -6,11 +6,13 @@ so a bad target, shape or dtype leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from qlora_inject.backends.dense import is_conv1d
 from qlora_inject.config import LoraConfig
 from qlora_inject.lora import AdapterSpec, LoraLinear
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
@@ -110,6 +112,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             adapter_dtype=config.adapter_dtype, compute_dtype=config.compute_dtype,
         )
         plan.append((name, module, wrapper, spec, wrapper.build_adapter(spec)))
+    _warn_on_fan_in_fan_out(config, [(name, module) for name, module, *_ in plan])
     saved = _plan_modules_to_save(model, config)
     if not plan:
         raise ValueError(
@@ -179,6 +182,20 @@ def _check_adapter_name(adapter_name: str, existing: list[str]) -> None:
         raise ValueError(
             f"adapter {adapter_name!r} already exists in this model (adapters: {existing}); "
             "pick another name, or delete the existing adapter first"
+        )
+
+
+def _warn_on_fan_in_fan_out(config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> None:
+    """`fan_in_fan_out` is a fact of each layer (Conv1D stores (in, out)); the layer wins, with a warning."""
+    wrong = [name for name, module in targets
+             if is_conv1d(module.base_layer if isinstance(module, LoraLinear) else module) != config.fan_in_fan_out]
+    if wrong:
+        actual = "(out, in)" if config.fan_in_fan_out else "(in, out) (transformers Conv1D)"
+        warnings.warn(
+            f"fan_in_fan_out={config.fan_in_fan_out} but {len(wrong)} targeted layer(s), e.g. {wrong[0]!r}, store "
+            f"their weight as {actual}; each layer's own layout is used. Set fan_in_fan_out="
+            f"{not config.fan_in_fan_out} to silence this",
+            UserWarning, stacklevel=3,
         )
 
 

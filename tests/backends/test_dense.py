@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -77,3 +79,16 @@ def test_compute_dtype_setting_is_honoured():
             x @ model.proj.lora_A["default"].weight.t() @ model.proj.lora_B["default"].weight.t())
     assert not torch.equal(y, exact)
     torch.testing.assert_close(y, exact, atol=5e-2, rtol=2e-2)
+
+
+@requires("transformers")
+def test_fan_in_fan_out_follows_the_layer_with_a_warning():
+    model = Holder(make_conv1d())
+    with pytest.warns(UserWarning, match=r"fan_in_fan_out=False but 1 targeted layer\(s\), e\.g\. 'proj'.*\(in, out\)"):
+        inject(model, LoraConfig(target_modules=["proj"]))
+    dense = Holder(make_dense())
+    with pytest.warns(UserWarning, match=r"fan_in_fan_out=True but .* store their weight as \(out, in\)"):
+        inject(dense, LoraConfig(target_modules=["proj"], fan_in_fan_out=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject(Holder(make_conv1d()), LoraConfig(target_modules=["proj"], fan_in_fan_out=True))
