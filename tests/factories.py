@@ -111,3 +111,12 @@ def load_tiny_llama(quant: str = "none") -> nn.Module:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def make_hqq(nbits: int = 4, group_size: int = 64, axis: int = 1, dtype: torch.dtype = torch.bfloat16,
+             bias: bool = True) -> nn.Module:
+    """An `HQQLinear` quantized by hqq itself, on the CPU."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    return HQQLinear(make_dense(torch.float32, bias), BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis),
+                     compute_dtype=dtype, device="cpu")

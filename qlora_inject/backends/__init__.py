@@ -2,10 +2,12 @@
 
 from qlora_inject.backends.bnb import Bnb4bitBackend, Bnb8bitBackend
 from qlora_inject.backends.dense import DenseBackend
+from qlora_inject.backends.hqq import HqqBackend
 from qlora_inject.registry import register_backend
 
 DENSE = register_backend(DenseBackend())
 BNB_8BIT = register_backend(Bnb8bitBackend())
 BNB_4BIT = register_backend(Bnb4bitBackend())
+HQQ = register_backend(HqqBackend())
 
-__all__ = ["Bnb4bitBackend", "Bnb8bitBackend", "DenseBackend"]
+__all__ = ["Bnb4bitBackend", "Bnb8bitBackend", "DenseBackend", "HqqBackend"]

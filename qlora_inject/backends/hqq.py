@@ -1,0 +1,62 @@
+"""HQQ layers (`hqq.core.quantize.HQQLinear`): packed codes in `W_q`, zero/scale in the `meta` dict.
+
+Recognised by class name along the MRO, or by carrying `W_q` and a `meta` dict. The base forward is
+the module's own: its default PyTorch backend dequantizes and matmuls, and gradients flow to the
+input, so it trains on every device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from qlora_inject.kernels.dequant_hqq import dequantize_hqq
+from qlora_inject.registry import class_is
+
+
+class HqqBackend:
+    """`HQQLinear`, 1–8 bits, either axis, quantized or offloaded meta data."""
+
+    name = "hqq"
+
+    def matches(self, module: nn.Module) -> bool:
+        return class_is(module, "HQQLinear", "hqq") or (
+            hasattr(module, "W_q") and isinstance(getattr(module, "meta", None), dict)
+        )
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        meta = module.meta
+        if meta is None:
+            raise ValueError(
+                f"{type(module).__name__} has not been quantized yet (meta is None); "
+                "quantize it (HQQLinear(linear, quant_config, ...)) before injecting LoRA"
+            )
+        out_features, in_features = meta["shape"]
+        return in_features, out_features
+
+    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
+        return getattr(module, "compute_dtype", None) or module.meta.get("compute_dtype")
+
+    def dequantize(self, module: nn.Module) -> Tensor:
+        return dequantize_hqq(module.W_q, module.meta)                    # (out, in), compute dtype
+
+    def forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        return module(x)
+
+    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
+        try:
+            from hqq.core.quantize import HQQLinear
+        except ImportError as err:
+            raise ImportError("requantizing an HQQ layer needs hqq: pip install 'qlora-inject[hqq]'") from err
+        in_features, out_features = self.features(module)
+        if tuple(weight.shape) != (out_features, in_features):
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not fit a {in_features}->{out_features} HQQ layer, "
+                f"which needs ({out_features}, {in_features})"
+            )
+        config = dict(module.quant_config, offload_meta=bool(module.offload_meta))
+        device = module.W_q.device
+        return HQQLinear.from_weights(
+            weight.detach().to(device), None if module.bias is None else nn.Parameter(module.bias.detach().clone()),
+            config, compute_dtype=module.compute_dtype, device=str(device), del_orig=True,
+        )
