@@ -17,6 +17,7 @@ from qlora_inject.config import LoraConfig
 from qlora_inject.lora import AdapterSpec, LoraLinear
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
 from qlora_inject.registry import require_backend
+from qlora_inject.selfcheck import layer_key, verify_layout
 from qlora_inject.targeting import iter_modules, name_matches, select
 
 RESERVED_ADAPTER_NAMES = ("__base__",)
@@ -101,11 +102,17 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
 
     # 1. Plan: decide everything and build every new module, touching nothing.
     plan = []
+    checked: set[tuple] = set()
     for name, module in select(model, config):
         if isinstance(module, LoraLinear):
             wrapper = module
         else:
-            wrapper = LoraLinear(module, require_backend(module, name))
+            backend = require_backend(module, name)
+            key = layer_key(backend, module)
+            if key not in checked:                                       # once per layer configuration
+                verify_layout(backend, module, name)
+                checked.add(key)
+            wrapper = LoraLinear(module, backend)
         spec = AdapterSpec(
             r=config.rank_for(name), lora_alpha=config.alpha_for(name), lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,

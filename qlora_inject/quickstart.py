@@ -29,7 +29,7 @@ def build_tiny_llama(directory: Path, hidden: int = 128, layers: int = 2, seed: 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 4,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=512, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(directory)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from qlora_inject import LoraConfig, find_backend, inject
+
 from conftest import requires
 from factories import dense_weight, make_dense, make_hqq
 from parity import assert_dequantized_plus_lora, assert_matches_peft
-
-from qlora_inject import LoraConfig, find_backend, inject
 
 pytestmark = requires("hqq")
 
