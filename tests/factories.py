@@ -15,7 +15,7 @@ from torch import nn
 
 # in_features a multiple of the 4-bit blocksize: bitsandbytes 0.50's CPU dequantize_4bit mis-reads
 # blocks that straddle rows (see tests/backends/test_bnb.py), as real model shapes never do.
-IN_FEATURES, OUT_FEATURES = 128, 48
+IN_FEATURES, OUT_FEATURES = 128, 64
 
 
 def dense_weight(out_features: int = OUT_FEATURES, in_features: int = IN_FEATURES) -> torch.Tensor:
@@ -90,9 +90,14 @@ def tiny_llama_dir() -> Path:
 
 
 def load_tiny_llama(quant: str = "none") -> nn.Module:
-    """The tiny Llama, loaded through transformers: 'none', 'nf4', 'fp4' or 'int8' (bitsandbytes, CPU)."""
+    """The tiny Llama: 'none', or loaded through transformers as 'nf4', 'fp4', 'int8' (bitsandbytes, CPU),
+    or with every linear but the head quantized by its library as 'hqq', 'gptq' or 'awq'."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
+    if quant in ("hqq", "gptq", "awq"):
+        from qlora_inject.quantize import quantize_model
+
+        return quantize_model(LlamaForCausalLM.from_pretrained(tiny_llama_dir()), quant, group_size=32)
     configs = {
         "none": None,
         "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -120,3 +125,58 @@ def make_hqq(nbits: int = 4, group_size: int = 64, axis: int = 1, dtype: torch.d
 
     return HQQLinear(make_dense(torch.float32, bias), BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis),
                      compute_dtype=dtype, device="cpu")
+
+
+def make_gptq(bits: int = 4, group_size: int = 32, sym: bool = True, act_order: bool = False,
+              dtype: torch.dtype = torch.float16) -> nn.Module:
+    """A GPTQModel `TorchLinear` packed by GPTQModel (true zero points)."""
+    from qlora_inject.quantize import gptq_linear
+
+    g_idx = torch.arange(IN_FEATURES, dtype=torch.int32) // (IN_FEATURES if group_size == -1 else group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(IN_FEATURES, generator=torch.Generator().manual_seed(7))].contiguous()
+    layer = gptq_linear(make_dense(), bits, group_size, sym, act_order, g_idx=g_idx)
+    return _with_scales_dtype(layer, dtype)
+
+
+def make_awq(bits: int = 4, group_size: int = 32, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """A GPTQModel `AwqTorchLinear` (GEMM layout) packed by GPTQModel."""
+    from qlora_inject.quantize import awq_linear
+
+    return _with_scales_dtype(awq_linear(make_dense(), bits, group_size), dtype)
+
+
+def autoawq_quantized(group_size: int):
+    """Scales, zeros (out, groups) and the grid weight for AutoAWQ's `from_linear`."""
+    from qlora_inject.quantize import rtn_groupwise
+
+    groups = torch.arange(IN_FEATURES) // group_size
+    return rtn_groupwise(dense_weight(), 4, groups, sym=False)
+
+
+def make_autoawq(layout: str = "gemm", group_size: int = 32, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """AutoAWQ's `WQLinear_GEMM` or `WQLinear_GEMV`, packed by AutoAWQ's `from_linear`."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from awq.modules.linear.gemm import WQLinear_GEMM
+        from awq.modules.linear.gemv import WQLinear_GEMV
+    scales, zeros, grid = autoawq_quantized(group_size)
+    source = make_dense()
+    with torch.no_grad():
+        source.weight.copy_(grid)                   # from_linear does not clamp codes: give it grid values
+    if layout == "gemm":
+        layer = WQLinear_GEMM.from_linear(source, 4, group_size, scales=scales.t().contiguous(),
+                                          zeros=zeros.t().contiguous())
+    else:
+        layer = WQLinear_GEMV.from_linear(source, 4, group_size, scales=scales, zeros=zeros)
+    return _with_scales_dtype(layer, dtype)
+
+
+def _with_scales_dtype(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store scales and bias in `dtype` (checkpoints hold fp16; bf16 models keep bf16 scales)."""
+    layer.scales = layer.scales.to(dtype)
+    if getattr(layer, "bias", None) is not None:
+        layer.bias = layer.bias.detach().to(dtype)
+    return layer

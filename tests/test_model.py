@@ -15,6 +15,8 @@ pytestmark = requires("transformers")
 
 QUANTS = ["none", pytest.param("nf4", marks=requires("bitsandbytes")),
           pytest.param("fp4", marks=requires("bitsandbytes")), pytest.param("int8", marks=requires("bitsandbytes"))]
+ALL_QUANTS = [*QUANTS, pytest.param("hqq", marks=requires("hqq")), pytest.param("gptq", marks=requires("gptqmodel")),
+              pytest.param("awq", marks=requires("gptqmodel"))]
 
 
 def seed_script(model):
@@ -48,9 +50,10 @@ def test_seed_script_runs_and_counts_like_peft(quant, capsys):
     assert model.config.model_type == "llama"                                # falls through to the model
 
 
-@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("quant", ALL_QUANTS)
 def test_twenty_steps_lower_the_loss_and_leave_the_base_bit_identical(quant):
-    model = LoraModel(load_tiny_llama(quant), LoraConfig(r=8, lora_alpha=16, target_modules=LLAMA_PROJECTIONS))
+    model = LoraModel(load_tiny_llama(quant), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    assert len(model.reports["default"]) == 2 * len(LLAMA_PROJECTIONS)
     frozen = {k: v for k, v in clone_state(model).items() if ".lora_" not in k}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))

@@ -61,7 +61,7 @@ def test_conv1d_requantize_keeps_layout():
 
 def test_requantize_refuses_a_wrong_shape():
     layer = make_dense()
-    with pytest.raises(ValueError, match=r"\(3, 3\) does not fit a 128->48 layer, which needs \(48, 128\)"):
+    with pytest.raises(ValueError, match=r"\(3, 3\) does not fit a 128->64 layer, which needs \(64, 128\)"):
         find_backend(layer).requantize(layer, torch.zeros(3, 3))
 
 

@@ -1,0 +1,83 @@
+"""GPTQ and AWQ dequantization in pure torch.
+
+Both formats pack integer codes LSB-first into int32 words: code i of a packed run sits at bits
+`[i·b, (i+1)·b)` of the run's little-endian words taken as one bit stream (3-bit codes straddle
+words). GPTQ packs `qweight` along in_features (rows) and `qzeros` along out_features (columns);
+AWQ's GEMM layout packs both along out_features, and at 4 bits stores the eight nibbles of a word
+in the order [0, 2, 4, 6, 1, 3, 5, 7] of their columns.
+
+    GPTQ:  W[:, j] = (q[j, :] − z[g_idx[j], :]) · s[g_idx[j], :]      then transposed to (out, in)
+    AWQ:   Wᵀ[i, :] = (q[i, :] − z[i // g, :]) · s[i // g, :]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)   # logical column k of a word sits in nibble AWQ_ORDER.index(k)
+
+
+def unpack_rows(packed: Tensor, bits: int, rows: int) -> Tensor:
+    """Codes packed along dim 0 of an int32 (words, cols) tensor → int32 (rows, cols)."""
+    words, cols = packed.shape
+    mask = (1 << bits) - 1
+    if 32 % bits == 0:
+        per_word = 32 // bits
+        shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+        codes = (packed[:, None, :] >> shifts[None, :, None]) & mask               # (words, per_word, cols)
+        return codes.reshape(words * per_word, cols)[:rows]
+    # Bits that straddle words (3, 5, 6, 7): expand to a bit stream, then regroup.
+    bit_index = torch.arange(32, device=packed.device, dtype=torch.int32)
+    stream = ((packed[:, None, :] >> bit_index[None, :, None]) & 1).reshape(words * 32, cols)
+    stream = stream[: rows * bits].reshape(rows, bits, cols)
+    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))[None, :, None]
+    return (stream * weights).sum(dim=1, dtype=torch.int32)
+
+
+def unpack_cols(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """Codes packed along dim 1 → int32 (rows, cols)."""
+    return unpack_rows(packed.t(), bits, cols).t()
+
+
+def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
+                    in_features: int, out_features: int, zero_offset: int = 0) -> Tensor:
+    """The dense (out, in) weight of a GPTQ layer, in `scales.dtype`.
+
+    Args:
+        zero_offset: 1 for checkpoints that store `zero − 1` (auto-gptq's "v1" convention), 0 for
+            true zero points ("v2", what GPTQModel's trainable kernels hold in memory).
+    """
+    q = unpack_rows(qweight, bits, in_features)                                     # (in, out)
+    z = unpack_cols(qzeros, bits, out_features)                                     # (groups, out)
+    if zero_offset:
+        z = (z + zero_offset) & ((1 << bits) - 1)
+    groups = g_idx.long()
+    weight = (q - z[groups]).to(scales.dtype) * scales[groups]                      # (in, out)
+    return weight.t()
+
+
+def dequantize_awq_gemm(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group_size: int,
+                        out_features: int, interleaved: bool) -> Tensor:
+    """The dense (out, in) weight of an AWQ GEMM-layout layer, in `scales.dtype`.
+
+    Args:
+        interleaved: True for the [0, 2, 4, 6, 1, 3, 5, 7] nibble order (AutoAWQ, and GPTQModel at
+            4 bits); False for a plain LSB-first stream (GPTQModel at 2, 3 and 8 bits).
+    """
+    q = unpack_cols(qweight, bits, out_features)                                    # (in, out)
+    z = unpack_cols(qzeros, bits, out_features)                                     # (groups, out)
+    if interleaved:
+        q, z = (t.reshape(t.shape[0], -1, 8)[:, :, AWQ_REVERSE_ORDER].reshape(t.shape) for t in (q, z))
+    groups = torch.arange(q.shape[0], device=q.device) // group_size
+    return ((q - z[groups]).to(scales.dtype) * scales[groups]).t()
+
+
+def dequantize_awq_gemv(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group_size: int,
+                        in_features: int) -> Tensor:
+    """The dense (out, in) weight of AutoAWQ's GEMV layout (packed along in_features, natural order)."""
+    q = unpack_cols(qweight, bits, in_features)                                     # (out, in)
+    groups_total = -(-in_features // group_size)
+    z = unpack_cols(qzeros, bits, groups_total)                                     # (out, groups)
+    groups = torch.arange(in_features, device=q.device) // group_size
+    return (q - z[:, groups]).to(scales.dtype) * scales[:, :groups_total][:, groups]

@@ -1,0 +1,85 @@
+"""AWQ layers: AutoAWQ's `WQLinear_GEMM` / `WQLinear_GEMV`, and GPTQModel's AWQ kernels.
+
+GEMM layout: `qweight` (in, out·b/32) and `qzeros` (groups, out·b/32) packed along out_features,
+nibbles in the order [0, 2, 4, 6, 1, 3, 5, 7] at 4 bits; `scales` (groups, out). GEMV layout
+(AutoAWQ): `qweight` (out, in·b/32) packed along in_features in natural order, `qzeros` and
+`scales` per (out, group), padded. Zero points are stored as is.
+
+AutoAWQ's modules cannot run backward on a CPU (its GEMM picks a Triton kernel, GEMV needs a
+compiled extension), and GPTQModel's AWQ torch kernel rewrites its own `scales`/`bias` into the
+input's dtype when called: so the base output is computed here, as x · dequantize(W)ᵀ + bias, on
+CUDA too for AutoAWQ, which keeps the frozen base bit-identical. The layout self-check compares
+against the library's own dequantization (AutoAWQ) or its forward in the scales' dtype (GPTQModel).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qlora_inject.backends.gptq import can_train, is_gptqmodel_layer, methods_of
+from qlora_inject.kernels.dequant_gptq import dequantize_awq_gemm, dequantize_awq_gemv
+from qlora_inject.registry import class_is
+
+
+def _is_gemv(module: nn.Module) -> bool:
+    return class_is(module, "WQLinear_GEMV", "awq") or (
+        not is_gptqmodel_layer(module) and module.qweight.shape[0] == module.out_features
+        and module.qweight.shape[0] != module.in_features
+    )
+
+
+def _bits(module: nn.Module) -> int:
+    return int(getattr(module, "w_bit", None) or module.bits)
+
+
+class AwqBackend:
+    """AWQ at 2–8 bits (GPTQModel) or 4 bits (AutoAWQ), GEMM and GEMV layouts."""
+
+    name = "awq"
+
+    def matches(self, module: nn.Module) -> bool:
+        if is_gptqmodel_layer(module):
+            return "awq" in methods_of(module) and hasattr(module, "qweight")
+        if class_is(module, "WQLinear_GEMM", "awq") or class_is(module, "WQLinear_GEMV", "awq"):
+            return True
+        return (all(isinstance(getattr(module, b, None), Tensor) for b in ("qweight", "qzeros", "scales"))
+                and getattr(module, "g_idx", None) is None and hasattr(module, "in_features"))
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
+        return module.scales.dtype
+
+    def dequantize(self, module: nn.Module) -> Tensor:
+        bits = _bits(module)
+        if _is_gemv(module):
+            return dequantize_awq_gemv(module.qweight, module.qzeros, module.scales, bits, module.group_size,
+                                       module.in_features)
+        return dequantize_awq_gemm(module.qweight, module.qzeros, module.scales, bits, module.group_size,
+                                   module.out_features, interleaved=bits == 4)
+
+    def forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        bias = getattr(module, "bias", None)
+        return F.linear(x, self.dequantize(module).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def reference_forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The owning library's own computation, for the layout self-check."""
+        if is_gptqmodel_layer(module) and can_train(module):
+            return copy.deepcopy(module)(x).to(x.dtype)                      # a copy: its forward rewrites scales
+        if class_is(module, "WQLinear_GEMM", "awq"):
+            from awq.utils.packing_utils import dequantize_gemm
+
+            weight = dequantize_gemm(module.qweight, module.qzeros, module.scales, _bits(module), module.group_size)
+            bias = getattr(module, "bias", None)
+            return F.linear(x, weight.t().to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return self.forward(module, x)
+
+    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
+        from qlora_inject.quantize import requantize_like_awq
+
+        return requantize_like_awq(module, weight)

@@ -1,0 +1,85 @@
+"""GPTQ layers: GPTQModel's `*QuantLinear`/`TorchLinear` family, auto-gptq's `QuantLinear*`, and look-alikes.
+
+Buffers `qweight` (in·b/32, out), `qzeros` (groups, out·b/32), `scales` (groups, out), `g_idx` (in,).
+Zero points: auto-gptq modules and GPTQ checkpoints store `zero − 1` ("v1"); GPTQModel's kernels that
+declare `REQUIRES_FORMAT_V2` hold true zeros in memory (it converts when it loads). Kernels that
+cannot train (exllama, marlin, machete, bitblas…: `SUPPORTS_TRAINING = False`) keep their own
+forward in inference; while training, the base runs as dequantize + matmul instead, said once.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qlora_inject.kernels.dequant_gptq import dequantize_gptq
+from qlora_inject.registry import class_is
+
+GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def is_gptqmodel_layer(module: nn.Module) -> bool:
+    return class_is(module, "BaseQuantLinear", "gptqmodel")
+
+
+def methods_of(module: nn.Module) -> str:
+    """GPTQModel's quantization methods for this class, lower-cased (e.g. "[method.gptq]")."""
+    return str(getattr(type(module), "SUPPORTS_METHODS", "")).lower()
+
+
+def can_train(module: nn.Module) -> bool:
+    """False for inference-only kernels (GPTQModel's `SUPPORTS_TRAINING = False`)."""
+    return bool(getattr(type(module), "SUPPORTS_TRAINING", True))
+
+
+def run_or_fall_back(module: nn.Module, x: Tensor, backend) -> Tensor:
+    """The module's own forward, unless it is an inference-only kernel asked for gradients."""
+    if can_train(module) or not (torch.is_grad_enabled() and (x.requires_grad or module.training)):
+        return module(x)
+    if not getattr(module, "_qlora_inject_warned", False):
+        warnings.warn(
+            f"{type(module).__name__} is an inference-only kernel; while training, its base output is computed "
+            "as x · dequantize(W)ᵀ in PyTorch instead (slower; load the model with a trainable kernel, e.g. "
+            "GPTQModel's BACKEND.TORCH, to avoid this)", UserWarning, stacklevel=4,
+        )
+        module._qlora_inject_warned = True
+    bias = getattr(module, "bias", None)
+    return F.linear(x, backend.dequantize(module).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class GptqBackend:
+    """GPTQ at 2, 3, 4 and 8 bits, any group size, act-order `g_idx`, v1 or v2 zero points."""
+
+    name = "gptq"
+
+    def matches(self, module: nn.Module) -> bool:
+        if is_gptqmodel_layer(module):
+            return "gptq" in methods_of(module) and all(hasattr(module, b) for b in GPTQ_BUFFERS)
+        return all(isinstance(getattr(module, b, None), Tensor) for b in GPTQ_BUFFERS)
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
+        return module.scales.dtype
+
+    def zero_offset(self, module: nn.Module) -> int:
+        """1 when the module stores `zero − 1` (v1), 0 for true zeros (v2)."""
+        if is_gptqmodel_layer(module):
+            return 0 if getattr(type(module), "REQUIRES_FORMAT_V2", False) else 1
+        return 1                                                             # auto-gptq and checkpoints: v1
+
+    def dequantize(self, module: nn.Module) -> Tensor:
+        return dequantize_gptq(module.qweight, module.qzeros, module.scales, module.g_idx, module.bits,
+                               module.in_features, module.out_features, self.zero_offset(module))
+
+    def forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        return run_or_fall_back(module, x, self)
+
+    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
+        from qlora_inject.quantize import requantize_like_gptq
+
+        return requantize_like_gptq(module, weight, self.zero_offset(module))
