@@ -18,7 +18,7 @@ from qlora_inject.lora import AdapterSpec, LoraLinear
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
 from qlora_inject.registry import require_backend
 from qlora_inject.selfcheck import layer_key, verify_layout
-from qlora_inject.targeting import iter_modules, name_matches, select
+from qlora_inject.targeting import iter_modules, name_matches, replace_module, select
 
 RESERVED_ADAPTER_NAMES = ("__base__",)
 
@@ -134,7 +134,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     for name, module, wrapper, spec, parts in plan:
         wrapper.attach_adapter(adapter_name, spec, parts)
         if wrapper is not module:
-            _set_submodule(model, name, wrapper)
+            replace_module(model, name, wrapper)
         report.wrapped.append(WrappedModule(
             name=name, backend=wrapper.backend.name, base_class=type(wrapper.base_layer).__name__,
             in_features=wrapper.in_features, out_features=wrapper.out_features, r=spec.r,
@@ -143,7 +143,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     for name, module, wrapper, copy in saved:
         wrapper.modules_to_save[adapter_name] = copy
         if wrapper is not module:
-            _set_submodule(model, name, wrapper)
+            replace_module(model, name, wrapper)
         report.modules_to_save.append(name)
 
     freeze_base(model, config.bias)
@@ -222,12 +222,6 @@ def _plan_modules_to_save(model: nn.Module, config: LoraConfig):
     return plan
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter everywhere; a wrapper left with no adapter is replaced by its base module."""
     if adapter_name not in adapter_names(model):
@@ -240,8 +234,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                 del table[adapter_name]
             module.active_adapters = [a for a in module.active_adapters if a != adapter_name]
             if not module.lora_A:
-                _set_submodule(model, name, module.base_layer)
+                replace_module(model, name, module.base_layer)
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             del module.modules_to_save[adapter_name]
             if not module.modules_to_save:
-                _set_submodule(model, name, module.original_module)
+                replace_module(model, name, module.original_module)

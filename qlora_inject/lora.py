@@ -23,6 +23,17 @@ from torch import Tensor, nn
 
 from qlora_inject.registry import Backend
 
+BASE_ADAPTER = "__base__"                                                     # "no adapter" in a mixed batch
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """How far a merged layer's output is from the unmerged adapted output, on a random probe."""
+
+    adapters: tuple[str, ...]
+    relative_error: float
+    sqnr_db: float
+
 
 @dataclass
 class AdapterSpec:
@@ -63,6 +74,11 @@ class LoraLinear(nn.Module):
         self.lora_compute_dtype: dict[str, torch.dtype | None] = {}
         self.active_adapters: list[str] = []
         self.disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.batch_adapters: list[str] | None = None                          # one name per sample, while set
+        # While merged, the original base module is kept here, unregistered (it is not part of the
+        # state dict), and unmerge puts this very object back: its tensors never change.
+        self.__dict__["unmerged_base"] = None
 
     # --- PEFT-familiar views of the base ------------------------------------------------------
 
@@ -133,9 +149,27 @@ class LoraLinear(nn.Module):
         result = self.backend.forward(self.base_layer, x)
         if self.disable_adapters:
             return result
+        if self.batch_adapters is not None:
+            return self._add_lora_per_sample(result, x)
         for name in self.active_adapters:
-            if name in self.lora_A:
+            if name in self.lora_A and name not in self.merged_adapters:
                 result = self._add_lora(result, x, name)
+        return result
+
+    def _add_lora_per_sample(self, result: Tensor, x: Tensor) -> Tensor:
+        """Mixed batch: sample i gets adapter `batch_adapters[i]` (`"__base__"`: none)."""
+        names = self.batch_adapters
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples; "
+                             "give one adapter name per sample")
+        if self.merged_adapters:
+            raise ValueError(f"cannot run a mixed batch while {self.merged_adapters} are merged; unmerge first")
+        for name in dict.fromkeys(names):
+            if name == BASE_ADAPTER or name not in self.lora_A:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            delta = self._add_lora(torch.zeros_like(result[rows]), x[rows], name)   # (rows, …, out)
+            result = result.index_add(0, rows, delta)
         return result
 
     def _add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
@@ -150,6 +184,81 @@ class LoraLinear(nn.Module):
             return flat.view(result.shape)
         return result + (F.linear(hidden, weight_B) * self.scaling[name]).to(result.dtype)
 
+    # --- merge ----------------------------------------------------------------------------------
+
+    def delta_weight(self, name: str) -> Tensor:
+        """The adapter's dense update `s · B A`, (out, in), fp32."""
+        return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+
+    def merge(self, adapter_names: list[str] | None = None, probe_tokens: int = 16) -> MergeResult | None:
+        """Fold adapters into the base: requantize(dequantize(base) + Σ s·B A), in the base's own format.
+
+        The original base module is kept and `unmerge` restores it exactly. Returns the merged
+        layer's error against the unmerged adapted output on a random probe (None if nothing to merge).
+        """
+        requested = adapter_names or self.active_adapters
+        names = [n for n in requested if n in self.lora_A and n not in self.merged_adapters]
+        if not names:
+            return None
+        probe = self._probe(probe_tokens)
+        with torch.no_grad():
+            saved_active = self.active_adapters
+            self.active_adapters = list(dict.fromkeys([*saved_active, *names]))
+            try:
+                reference = self(probe).float()
+                # A copy: for a dense base, dequantize() is the weight itself.
+                weight = self.backend.dequantize(self.base_layer).to(torch.float32, copy=True)
+                for name in names:
+                    weight += self.delta_weight(name).to(weight.device)
+                merged = self.backend.requantize(self.base_layer, weight)
+                _freeze_like(merged, self.base_layer)
+                if self.unmerged_base is None:
+                    self.__dict__["unmerged_base"] = self.base_layer
+                self.base_layer = merged
+                self.merged_adapters.extend(names)
+                output = self(probe).float()
+            finally:
+                self.active_adapters = saved_active
+        error = (output - reference).norm()
+        signal = reference.norm().clamp_min(1e-12)
+        sqnr = 20 * torch.log10(signal / error.clamp_min(1e-12))
+        return MergeResult(tuple(names), (error / signal).item(), sqnr.item())
+
+    def unmerge(self) -> None:
+        """Put the original base module back (bit-identical: it is the same object)."""
+        if self.unmerged_base is not None:
+            self.base_layer = self.unmerged_base
+            self.__dict__["unmerged_base"] = None
+        self.merged_adapters = []
+
+    def merged_dense(self, adapter_names: list[str], dtype: torch.dtype) -> nn.Linear:
+        """A plain `nn.Linear` holding dequantize(base) + Σ s·B A for `adapter_names`, in `dtype`."""
+        base = self.unmerged_base or self.base_layer
+        with torch.no_grad():
+            weight = self.backend.dequantize(base).to(torch.float32, copy=True)
+            for name in adapter_names:
+                if name in self.lora_A:
+                    weight += self.delta_weight(name).to(weight.device)
+            bias = getattr(base, "bias", None)
+            linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
+                               dtype=dtype)
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return linear.requires_grad_(False)
+
+    def _probe(self, tokens: int) -> Tensor:
+        dtype = next(iter(self.lora_compute_dtype.values()), None) or self.backend.compute_dtype(self.base_layer)
+        probe = torch.randn(tokens, self.in_features, generator=torch.Generator().manual_seed(0))
+        return probe.to(self.device, dtype or torch.float32)
+
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]} alpha={self.lora_alpha[n]}" for n in self.lora_A)
         return f"backend={self.backend.name}, in_features={self.in_features}, out_features={self.out_features}, {ranks}"
+
+
+def _freeze_like(new: nn.Module, old: nn.Module) -> None:
+    """Give `new`'s parameters the trainability of `old`'s namesakes (frozen when `old` has none)."""
+    flags = {name: p.requires_grad for name, p in old.named_parameters()}
+    for name, param in new.named_parameters():
+        param.requires_grad_(flags.get(name, False))

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from qlora_inject import adapter_io
@@ -25,7 +26,8 @@ from qlora_inject.inject import (
     inject,
     set_active_adapters,
 )
-from qlora_inject.lora import LoraLinear
+from qlora_inject.lora import BASE_ADAPTER, LoraLinear, MergeResult
+from qlora_inject.merge import merge, merge_and_unload, unmerge
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
 
 
@@ -55,8 +57,28 @@ class LoraModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """Run the model; `adapter_names` (one per sample, `"__base__"` for none) mixes adapters in a batch."""
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self.mixed_batch(adapter_names):
+            return self.model(*args, **kwargs)
+
+    @contextmanager
+    def mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+        """Inside it, sample i of every batch uses adapter `adapter_names[i]` (`"__base__"`: none)."""
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names names {unknown}, which do not exist; adapters: "
+                             f"{list(self.peft_config)} (or {BASE_ADAPTER!r} for the base alone)")
+        wrappers = [m for m in self.model.modules() if isinstance(m, (LoraLinear, ModulesToSaveWrapper))]
+        for module in wrappers:
+            module.batch_adapters = list(adapter_names)
+        try:
+            yield
+        finally:
+            for module in wrappers:
+                module.batch_adapters = None
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with its LoRA layers in place)."""
@@ -116,6 +138,27 @@ class LoraModel(nn.Module):
             yield
         finally:
             self.enable_adapter_layers()
+
+    # --- merging --------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> dict[str, MergeResult]:
+        """Merge the active adapters into the bases in their own formats; returns each layer's merge error."""
+        return merge(self.model, adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """Restore the original quantized bases exactly."""
+        unmerge(self.model)
+
+    def merge_and_unload(self, dequantize: bool = False, dtype: torch.dtype | None = None,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """The model with adapters merged and LoRA layers removed (quantized, or dense with `dequantize=True`)."""
+        return merge_and_unload(self.model, dequantize=dequantize, dtype=dtype, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """The model with every adapter removed and its original layers back, nothing merged."""
+        for name in list(self.peft_config):
+            self.delete_adapter(name)
+        return self.model
 
     # --- parameters -----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 
@@ -20,6 +21,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disable_adapters = False
+        self.batch_adapters: list[str] | None = None                          # one name per sample, while set
 
     def build_copy(self) -> nn.Module:
         """A trainable copy of the original, not yet attached."""
@@ -46,5 +48,14 @@ class ModulesToSaveWrapper(nn.Module):
     def weight(self):
         return self.active_module.weight
 
-    def forward(self, *args, **kwargs):
-        return self.active_module(*args, **kwargs)
+    def forward(self, x, *args, **kwargs):
+        if self.batch_adapters is None or self.disable_adapters:
+            return self.active_module(x, *args, **kwargs)
+        names = self.batch_adapters
+        groups = {name: [i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)}
+        outputs, order = [], []
+        for name, rows in groups.items():
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            outputs.append(module(x[rows], *args, **kwargs))
+            order.extend(rows)
+        return torch.cat(outputs)[torch.tensor(order, device=x.device).argsort()]

@@ -55,6 +55,12 @@ def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk(model, "")
 
 
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` inside `model`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
     """`config.target_modules`, or the default for the model type when it is None."""
     if config.target_modules is not None:

@@ -1,0 +1,82 @@
+"""Merging adapters into their bases, undoing it exactly, and exporting a model without adapters.
+
+    merge(model)                           requantize(dequantize(W) + s·B A) in each base's own format
+    unmerge(model)                         the original quantized modules back, bit for bit
+    merge_and_unload(model)                a model without LoRA layers, bases in their own formats
+    merge_and_unload(model, dequantize=True)  a plain dense model (fp16/bf16 or the compute dtype)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qlora_inject.lora import LoraLinear, MergeResult
+from qlora_inject.modules_to_save import ModulesToSaveWrapper
+from qlora_inject.registry import find_backend
+from qlora_inject.targeting import iter_modules, replace_module
+
+
+def merge(model: nn.Module, adapter_names: list[str] | None = None) -> dict[str, MergeResult]:
+    """Merge the active adapters (or `adapter_names`) into every LoRA layer; return each layer's error."""
+    results = {}
+    for name, module in iter_modules(model):
+        if isinstance(module, LoraLinear):
+            result = module.merge(adapter_names)
+            if result is not None:
+                results[name] = result
+    return results
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every merged layer's original base module (the same objects, so the same bits)."""
+    for module in model.modules():
+        if isinstance(module, LoraLinear):
+            module.unmerge()
+
+
+def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dtype | None = None,
+                     adapter_names: list[str] | None = None) -> nn.Module:
+    """Merge and remove every LoRA layer, in place; return the model.
+
+    Args:
+        dequantize: False keeps each base in its own quantized format (merged by requantizing);
+            True replaces every quantized layer of the model, wrapped or not, by a dense
+            `nn.Linear` holding its dequantized (and merged) weight: a plain model to serve anywhere.
+        dtype: The dense dtype with `dequantize=True`; default: each layer's compute dtype (fp32 if
+            it has none).
+        adapter_names: Which adapters to merge; default: the active ones.
+    """
+    for name, module in list(iter_modules(model)):
+        if isinstance(module, LoraLinear):
+            names = adapter_names or module.active_adapters
+            if dequantize:
+                target_dtype = dtype or next(iter(module.lora_compute_dtype.values()), None) or torch.float32
+                replacement = module.merged_dense(names, target_dtype)
+            else:
+                module.merge(names)
+                replacement = module.base_layer
+        elif isinstance(module, ModulesToSaveWrapper):
+            replacement = module.active_module
+        else:
+            continue
+        replace_module(model, name, replacement)
+    if dequantize:
+        for name, module in list(iter_modules(model)):
+            backend = find_backend(module)
+            if backend is not None and backend.name != "dense":
+                replace_module(model, name, _dense_copy(module, backend, dtype))
+    return model
+
+
+def _dense_copy(module: nn.Module, backend, dtype: torch.dtype | None) -> nn.Linear:
+    in_features, out_features = backend.features(module)
+    with torch.no_grad():
+        weight = backend.dequantize(module)
+        bias = getattr(module, "bias", None)
+        target = dtype or backend.compute_dtype(module) or weight.dtype
+        linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=target)
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.requires_grad_(False)
