@@ -18,7 +18,8 @@ from qlora_inject.config import CONFIG_NAME, LoraConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_ADAPTER_SEGMENTS = ("lora_A", "lora_B", "modules_to_save")
+_ADAPTER_SEGMENTS = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save")
+_MAGNITUDE = "lora_magnitude_vector"                                          # PEFT saves it without ".weight"
 _SAVED_COPY = "modules_to_save"                                               # PEFT drops this level in files
 
 
@@ -46,6 +47,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") 
         segment = next((s for s in _ADAPTER_SEGMENTS if f".{s}{tag}" in f".{key}"), None)
         if segment == _SAVED_COPY:                                           # lm_head.modules_to_save.a.weight
             out[PREFIX + key.replace(f"{segment}{tag}", "")] = tensor        # → lm_head.weight
+        elif segment == _MAGNITUDE:                                          # x.lora_magnitude_vector.a.weight
+            out[PREFIX + key.replace(f"{segment}{tag}weight", segment)] = tensor   # → x.lora_magnitude_vector
         elif segment is not None:
             out[PREFIX + key.replace(f"{segment}{tag}", f"{segment}.")] = tensor
         elif _is_saved_bias(key, bias):
@@ -59,6 +62,8 @@ def peft_key_to_model_key(key: str, adapter_name: str, model_keys) -> str:
     if not key.startswith(PREFIX):
         raise ValueError(f"adapter key {key!r} does not start with {PREFIX!r}; is this a PEFT LoRA adapter file?")
     key = key[len(PREFIX):]
+    if key.endswith(f".{_MAGNITUDE}"):
+        return f"{key}.{adapter_name}.weight"
     for segment in _ADAPTER_SEGMENTS:
         marker = f".{segment}."
         if marker in f".{key}":

@@ -65,7 +65,7 @@ class LoraConfig:
         fan_in_fan_out: True when the layer stores its weight as (in, out), as GPT-2's `Conv1D`.
             The dense backend detects `Conv1D` itself; a wrong value is corrected with a warning.
         task_type: Informational, as in PEFT (`"CAUSAL_LM"`, …).
-        use_dora: Weight-decomposed LoRA. Not implemented yet: True raises.
+        use_dora: Weight-decomposed LoRA (DoRA): a trained magnitude per output row, on every format.
         compute_dtype: The dtype the adapter path computes in. None follows the base layer
             (bitsandbytes' `compute_dtype`, the dense weight's dtype, or the input's dtype).
         adapter_dtype: The dtype adapter parameters are stored in (default fp32, as PEFT's
@@ -113,8 +113,6 @@ class LoraConfig:
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {INIT_CHOICES} "
                 "(PiSSA, OLoRA and LoftQ initialisation are not implemented yet)"
             )
-        if self.use_dora:
-            raise ValueError("use_dora=True is not implemented yet in qlora_inject; set use_dora=False")
         if self.peft_type != "LORA":
             raise ValueError(f"peft_type={self.peft_type!r}: only LoRA adapters ('LORA') are handled here")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":

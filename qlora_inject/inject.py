@@ -116,7 +116,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
         spec = AdapterSpec(
             r=config.rank_for(name), lora_alpha=config.alpha_for(name), lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
-            adapter_dtype=config.adapter_dtype, compute_dtype=config.compute_dtype,
+            adapter_dtype=config.adapter_dtype, compute_dtype=config.compute_dtype, use_dora=config.use_dora,
         )
         plan.append((name, module, wrapper, spec, wrapper.build_adapter(spec)))
     _warn_on_fan_in_fan_out(config, [(name, module) for name, module, *_ in plan])
@@ -161,7 +161,8 @@ def set_active_adapters(model: nn.Module, names: list[str]) -> None:
 def freeze_base(model: nn.Module, bias: str) -> None:
     """Freeze everything except adapters, modules to save, and biases per `bias`."""
     for param_name, param in model.named_parameters():
-        keep = ".lora_A." in f".{param_name}" or ".lora_B." in f".{param_name}" or ".modules_to_save." in param_name
+        keep = any(f".{part}." in f".{param_name}" for part in ("lora_A", "lora_B", "lora_magnitude_vector",
+                                                                  "modules_to_save"))
         if not keep and param.requires_grad:
             param.requires_grad_(False)
     if bias == "none":
@@ -228,8 +229,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"adapter {adapter_name!r} is not in this model (adapters: {adapter_names(model)})")
     for name, module in list(iter_modules(model)):
         if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
-            for table in (module.lora_A, module.lora_B, module.lora_dropout):
-                del table[adapter_name]
+            for table in (module.lora_A, module.lora_B, module.lora_dropout, module.lora_magnitude_vector):
+                if adapter_name in table:
+                    del table[adapter_name]
             for table in (module.r, module.lora_alpha, module.scaling, module.lora_compute_dtype):
                 del table[adapter_name]
             module.active_adapters = [a for a in module.active_adapters if a != adapter_name]

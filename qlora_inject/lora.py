@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qlora_inject import dora
 from qlora_inject.registry import Backend
 
 BASE_ADAPTER = "__base__"                                                     # "no adapter" in a mixed batch
@@ -46,6 +47,7 @@ class AdapterSpec:
     use_rslora: bool = False
     adapter_dtype: torch.dtype | None = torch.float32
     compute_dtype: torch.dtype | None = None                                 # None: the base's
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -68,6 +70,7 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()                          # DoRA adapters only
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -117,13 +120,23 @@ class LoraLinear(nn.Module):
             nn.init.zeros_(lora_B.weight)
         # init_lora_weights=False keeps nn.Linear's random init for both: the adapter is not a no-op.
         dropout = nn.Dropout(spec.lora_dropout) if spec.lora_dropout > 0 else nn.Identity()
-        return nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B, "lora_dropout": dropout})
+        parts = nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B, "lora_dropout": dropout})
+        if spec.use_dora:
+            magnitude = torch.empty(self.out_features, device=device, dtype=dtype)
+            if device.type != "meta":
+                with torch.no_grad():
+                    delta = spec.scaling * (lora_B.weight.float() @ lora_A.weight.float())
+                    magnitude = dora.initial_magnitude(self._dense_base(), delta).to(dtype)
+            parts["lora_magnitude_vector"] = dora.MagnitudeVector(magnitude)
+        return parts
 
     def attach_adapter(self, adapter_name: str, spec: AdapterSpec, parts: nn.ModuleDict) -> None:
         """Register modules built by `build_adapter` under `adapter_name`."""
         self.lora_A[adapter_name] = parts["lora_A"]
         self.lora_B[adapter_name] = parts["lora_B"]
         self.lora_dropout[adapter_name] = parts["lora_dropout"]
+        if "lora_magnitude_vector" in parts:
+            self.lora_magnitude_vector[adapter_name] = parts["lora_magnitude_vector"]
         self.r[adapter_name] = spec.r
         self.lora_alpha[adapter_name] = spec.lora_alpha
         self.scaling[adapter_name] = spec.scaling
@@ -140,8 +153,9 @@ class LoraLinear(nn.Module):
         self.active_adapters = list(adapter_names)
         for name in self.lora_A:
             trainable = name in self.active_adapters
-            self.lora_A[name].weight.requires_grad_(trainable)
-            self.lora_B[name].weight.requires_grad_(trainable)
+            for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+                if name in table:
+                    table[name].weight.requires_grad_(trainable)
 
     # --- forward --------------------------------------------------------------------------------
 
@@ -168,12 +182,13 @@ class LoraLinear(nn.Module):
             if name == BASE_ADAPTER or name not in self.lora_A:
                 continue
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
-            delta = self._add_lora(torch.zeros_like(result[rows]), x[rows], name)   # (rows, …, out)
-            result = result.index_add(0, rows, delta)
+            result = result.index_copy(0, rows, self._add_lora(result[rows], x[rows], name))
         return result
 
     def _add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         dtype = self.lora_compute_dtype[name] or x.dtype
+        if name in self.lora_magnitude_vector:
+            return dora.add_dora(self, result, x, name, dtype)
         weight_A = self.lora_A[name].weight.to(dtype)                         # (r, in)
         weight_B = self.lora_B[name].weight.to(dtype)                         # (out, r)
         hidden = F.linear(self.lora_dropout[name](x.to(dtype)), weight_A)    # (…, r)
@@ -206,10 +221,7 @@ class LoraLinear(nn.Module):
             self.active_adapters = list(dict.fromkeys([*saved_active, *names]))
             try:
                 reference = self(probe).float()
-                # A copy: for a dense base, dequantize() is the weight itself.
-                weight = self.backend.dequantize(self.base_layer).to(torch.float32, copy=True)
-                for name in names:
-                    weight += self.delta_weight(name).to(weight.device)
+                weight = self._merged_weight(self.base_layer, names)
                 merged = self.backend.requantize(self.base_layer, weight)
                 _freeze_like(merged, self.base_layer)
                 if self.unmerged_base is None:
@@ -235,10 +247,7 @@ class LoraLinear(nn.Module):
         """A plain `nn.Linear` holding dequantize(base) + Σ s·B A for `adapter_names`, in `dtype`."""
         base = self.unmerged_base or self.base_layer
         with torch.no_grad():
-            weight = self.backend.dequantize(base).to(torch.float32, copy=True)
-            for name in adapter_names:
-                if name in self.lora_A:
-                    weight += self.delta_weight(name).to(weight.device)
+            weight = self._merged_weight(base, [n for n in adapter_names if n in self.lora_A])
             bias = getattr(base, "bias", None)
             linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
                                dtype=dtype)
@@ -246,6 +255,22 @@ class LoraLinear(nn.Module):
             if bias is not None:
                 linear.bias.copy_(bias)
         return linear.requires_grad_(False)
+
+    def _merged_weight(self, base: nn.Module, names: list[str]) -> Tensor:
+        """dequantize(base) with the adapters `names` folded in (DoRA ones rescaled per row), fp32."""
+        # A copy: for a dense base, dequantize() is the weight itself.
+        weight = self.backend.dequantize(base).to(torch.float32, copy=True)
+        for name in names:
+            delta = self.delta_weight(name).to(weight.device)
+            if name in self.lora_magnitude_vector:
+                weight = dora.merged_weight(weight, delta, self.lora_magnitude_vector[name].weight)
+            else:
+                weight += delta
+        return weight
+
+    def _dense_base(self) -> Tensor:
+        """The unmerged base's dense weight (out, in)."""
+        return self.backend.dequantize(self.unmerged_base or self.base_layer)
 
     def _probe(self, tokens: int) -> Tensor:
         dtype = next(iter(self.lora_compute_dtype.values()), None) or self.backend.compute_dtype(self.base_layer)

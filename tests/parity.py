@@ -58,10 +58,11 @@ def assert_matches_peft(make_layer: Callable[[], nn.Module], dtype: torch.dtype,
     inject(ours, lora_config(**config))
     peft_settings = lora_config(**config).to_dict()
     peft_config = peft.LoraConfig(**{k: peft_settings[k] for k in (
-        "r", "lora_alpha", "target_modules", "init_lora_weights", "use_rslora", "lora_dropout")})
+        "r", "lora_alpha", "target_modules", "init_lora_weights", "use_rslora", "lora_dropout", "use_dora")})
     peft_model = peft.LoraModel(theirs, peft_config, "default")
+    names = ("lora_A", "lora_B", "lora_magnitude_vector") if config.get("use_dora") else ("lora_A", "lora_B")
     with torch.no_grad():
-        for name in ("lora_A", "lora_B"):
+        for name in names:
             getattr(theirs.proj, name)["default"].weight.copy_(getattr(ours.proj, name)["default"].weight)
     x = torch.randn(2, 6, IN_FEATURES).to(dtype)
     y_ours, y_peft = ours(x), peft_model(x)
@@ -69,7 +70,7 @@ def assert_matches_peft(make_layer: Callable[[], nn.Module], dtype: torch.dtype,
     grad_out = torch.randn_like(y_ours)
     y_ours.backward(grad_out)
     y_peft.backward(grad_out.to(y_peft.dtype))
-    for name in ("lora_A", "lora_B"):
+    for name in names:
         mine = getattr(ours.proj, name)["default"].weight.grad
         reference = getattr(theirs.proj, name)["default"].weight.grad
         scale = reference.float().abs().max().clamp(min=1e-6)

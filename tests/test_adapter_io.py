@@ -21,6 +21,7 @@ CONFIGS = {
     "patterns": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
                      rank_pattern={"down_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.v_proj": 3}),
     "rslora-regex": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=r".*\.(q|k)_proj"),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
 }
 QUANTS = ["none", pytest.param("nf4", marks=requires("bitsandbytes"))]
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))

@@ -32,7 +32,6 @@ def test_bad_regex_is_refused():
     ("bias", "some", r"bias='some' is not one of \('none', 'all', 'lora_only'\)"),
     ("lora_dropout", 1.5, r"lora_dropout=1\.5 must be in \[0, 1\)"),
     ("init_lora_weights", "pissa", r"init_lora_weights='pissa' is not supported.*not implemented yet"),
-    ("use_dora", True, r"use_dora=True is not implemented yet"),
     ("compute_dtype", "int8", r"compute_dtype='int8' is not a dtype"),
 ])
 def test_bad_fields_name_value_and_fix(field, value, message):

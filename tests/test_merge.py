@@ -50,9 +50,10 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("fmt", PARAMS)
-def test_merge_is_within_its_reported_error_and_unmerge_is_exact(fmt):
-    model = adapted(fmt)
+def test_merge_is_within_its_reported_error_and_unmerge_is_exact(fmt, dora):
+    model = adapted(fmt, use_dora=dora)
     x = torch.randn(4, 6, IN_FEATURES)
     with torch.no_grad():
         expected = model(x)
@@ -74,16 +75,16 @@ def test_merge_is_within_its_reported_error_and_unmerge_is_exact(fmt):
 @pytest.mark.parametrize("fmt", PARAMS)
 def test_merge_and_unload_keeps_the_format_or_exports_dense(fmt):
     x = torch.randn(3, IN_FEATURES)
-    model = adapted(fmt)
+    model = adapted(fmt, use_dora=True)
     base_class = type(model.model.proj.base_layer)
     with torch.no_grad():
         expected = model(x)
-    dense = adapted(fmt).merge_and_unload(dequantize=True, dtype=torch.float32)
+    dense = adapted(fmt, use_dora=True).merge_and_unload(dequantize=True, dtype=torch.float32)
     assert type(dense.proj) is torch.nn.Linear
     tolerance = 0.03 if fmt == "int8" else 1e-4                              # LLM.int8 rounds its activations
     with torch.no_grad():
         assert relative(dense(x), expected) < tolerance
-    kept = adapted(fmt).merge_and_unload()
+    kept = adapted(fmt, use_dora=True).merge_and_unload()
     assert type(kept.proj) in (base_class, *_requantized_classes(fmt))
     with torch.no_grad():
         assert relative(kept(x), expected) < FORMATS[fmt][2]
@@ -100,7 +101,8 @@ def _requantized_classes(fmt: str) -> tuple[type, ...]:
 @pytest.mark.parametrize("fmt", PARAMS)
 def test_mixed_batch_gives_each_sample_its_own_adapter(fmt):
     model = adapted(fmt)
-    model.add_adapter("other", LoraConfig(r=2, lora_alpha=8, target_modules=["proj"], init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=8, target_modules=["proj"], init_lora_weights=False,
+                                          use_dora=True))
     x = torch.randn(5, 3, IN_FEATURES)
     names = ["default", "__base__", "other", "default", "other"]
     with torch.no_grad():
