@@ -52,8 +52,8 @@ def test_row_norm_without_dequantizing_equals_the_direct_norm(fmt):
     model = Holder(LAYERS[fmt][0]())
     inject(model, LoraConfig(r=4, target_modules=["proj"], use_dora=True, init_lora_weights=False))
     layer = model.proj
-    direct = torch.linalg.vector_norm(layer.backend.dequantize(layer.base_layer).float() + layer.delta_weight("default"),
-                                      dim=1)
+    weight = layer.backend.dequantize(layer.base_layer).float() + layer.delta_weight("default")
+    direct = torch.linalg.vector_norm(weight, dim=1)
     tolerance = 2e-2 if fmt == "int8" else 1e-4
     torch.testing.assert_close(row_norm(layer, "default"), direct, atol=tolerance, rtol=tolerance)
 
