@@ -7,6 +7,7 @@ leaves the previous adapter whole. Loads check every key and shape before anythi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from pathlib import Path
@@ -100,6 +101,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
 
     directory = Path(directory)
     config = LoraConfig.from_pretrained(directory)
+    if config.init_lora_weights not in (True, False, "gaussian"):
+        # A data-aware start (PiSSA, OLoRA, LoftQ) rewrites the base when it runs; loading must not.
+        config = dataclasses.replace(config, init_lora_weights=True)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(directory)!r}; (.bin adapters are not read, convert them)")

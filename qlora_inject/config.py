@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
+from qlora_inject.init_schemes import is_scheme
+
 CONFIG_NAME = "adapter_config.json"
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = (True, False, "gaussian")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Fields that exist only here; PEFT would not know them, so they stay out of adapter_config.json.
@@ -61,7 +63,10 @@ class LoraConfig:
             (the biases of wrapped layers).
         modules_to_save: Modules (name suffixes) trained in full and saved beside the adapter.
         init_lora_weights: `True` (A Kaiming-uniform, B zero: the adapter starts as a no-op),
-            `"gaussian"` (A normal with std 1/r, B zero) or `False` (both random: for tests).
+            `"gaussian"` (A normal with std 1/r, B zero), `False` (both random: for tests), or a
+            data-aware start on any format with a requantize: `"pissa"` / `"pissa_niter_N"`,
+            `"olora"`, `"loftq"` (see `qlora_inject.init_schemes`).
+        loftq_config: For `"loftq"`: `{"format": "nf4"|…, "loftq_iter": 1, "bits": 4, "group_size": 64}`.
         fan_in_fan_out: True when the layer stores its weight as (in, out), as GPT-2's `Conv1D`.
             The dense backend detects `Conv1D` itself; a wrong value is corrected with a warning.
         task_type: Informational, as in PEFT (`"CAUSAL_LM"`, …).
@@ -88,6 +93,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     task_type: str | None = None
     use_dora: bool = False
+    loftq_config: dict = field(default_factory=dict)
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
     compute_dtype: str | torch.dtype | None = None
@@ -108,10 +114,9 @@ class LoraConfig:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1), e.g. 0.05")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias={self.bias!r} is not one of {BIAS_CHOICES}")
-        if self.init_lora_weights not in INIT_CHOICES:
+        if self.init_lora_weights not in (True, False, "gaussian") and not is_scheme(self.init_lora_weights):
             raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {INIT_CHOICES} "
-                "(PiSSA, OLoRA and LoftQ initialisation are not implemented yet)"
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {INIT_CHOICES}"
             )
         if self.peft_type != "LORA":
             raise ValueError(f"peft_type={self.peft_type!r}: only LoRA adapters ('LORA') are handled here")

@@ -117,6 +117,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             r=config.rank_for(name), lora_alpha=config.alpha_for(name), lora_dropout=config.lora_dropout,
             init_lora_weights=config.init_lora_weights, use_rslora=config.use_rslora,
             adapter_dtype=config.adapter_dtype, compute_dtype=config.compute_dtype, use_dora=config.use_dora,
+            loftq_config=config.loftq_config,
         )
         plan.append((name, module, wrapper, spec, wrapper.build_adapter(spec)))
     _warn_on_fan_in_fan_out(config, [(name, module) for name, module, *_ in plan])

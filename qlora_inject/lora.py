@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qlora_inject import dora
-from qlora_inject.registry import Backend
+from qlora_inject import dora, init_schemes
+from qlora_inject.registry import Backend, find_backend
 
 BASE_ADAPTER = "__base__"                                                     # "no adapter" in a mixed batch
 
@@ -48,6 +48,7 @@ class AdapterSpec:
     adapter_dtype: torch.dtype | None = torch.float32
     compute_dtype: torch.dtype | None = None                                 # None: the base's
     use_dora: bool = False
+    loftq_config: dict | None = None
 
     @property
     def scaling(self) -> float:
@@ -121,12 +122,24 @@ class LoraLinear(nn.Module):
         # init_lora_weights=False keeps nn.Linear's random init for both: the adapter is not a no-op.
         dropout = nn.Dropout(spec.lora_dropout) if spec.lora_dropout > 0 else nn.Identity()
         parts = nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B, "lora_dropout": dropout})
+        base = self.base_layer
+        if init_schemes.is_scheme(spec.init_lora_weights):
+            if device.type == "meta":
+                raise ValueError(f"init_lora_weights={spec.init_lora_weights!r} needs the weights; "
+                                 "load the model onto a device first")
+            A, B, base = init_schemes.initialise(spec.init_lora_weights, self, spec.r, spec.scaling,
+                                                 spec.loftq_config or {})
+            with torch.no_grad():
+                lora_A.weight.copy_(A)
+                lora_B.weight.copy_(B)
+            _freeze_like(base, self.base_layer)
+            parts["base_layer"] = base                                        # the residual, requantized
         if spec.use_dora:
             magnitude = torch.empty(self.out_features, device=device, dtype=dtype)
             if device.type != "meta":
                 with torch.no_grad():
                     delta = spec.scaling * (lora_B.weight.float() @ lora_A.weight.float())
-                    magnitude = dora.initial_magnitude(self._dense_base(), delta).to(dtype)
+                    magnitude = dora.initial_magnitude(self.backend.dequantize(base), delta).to(dtype)
             parts["lora_magnitude_vector"] = dora.MagnitudeVector(magnitude)
         return parts
 
@@ -137,6 +150,9 @@ class LoraLinear(nn.Module):
         self.lora_dropout[adapter_name] = parts["lora_dropout"]
         if "lora_magnitude_vector" in parts:
             self.lora_magnitude_vector[adapter_name] = parts["lora_magnitude_vector"]
+        if "base_layer" in parts:                                             # PiSSA, OLoRA, LoftQ
+            self.base_layer = parts["base_layer"]
+            self.backend = find_backend(self.base_layer) or self.backend
         self.r[adapter_name] = spec.r
         self.lora_alpha[adapter_name] = spec.lora_alpha
         self.scaling[adapter_name] = spec.scaling
@@ -268,10 +284,6 @@ class LoraLinear(nn.Module):
                 weight += delta
         return weight
 
-    def _dense_base(self) -> Tensor:
-        """The unmerged base's dense weight (out, in)."""
-        return self.backend.dequantize(self.unmerged_base or self.base_layer)
-
     def _probe(self, tokens: int) -> Tensor:
         dtype = next(iter(self.lora_compute_dtype.values()), None) or self.backend.compute_dtype(self.base_layer)
         probe = torch.randn(tokens, self.in_features, generator=torch.Generator().manual_seed(0))
@@ -286,4 +298,4 @@ def _freeze_like(new: nn.Module, old: nn.Module) -> None:
     """Give `new`'s parameters the trainability of `old`'s namesakes (frozen when `old` has none)."""
     flags = {name: p.requires_grad for name, p in old.named_parameters()}
     for name, param in new.named_parameters():
-        param.requires_grad_(flags.get(name, False))
+        param.requires_grad_(flags.get(name, False) and param.is_floating_point())

@@ -134,7 +134,7 @@ def awq_linear(linear: nn.Linear, bits: int = 4, group_size: int = 128) -> nn.Mo
 
 def requantize_like_gptq(module: nn.Module, weight: torch.Tensor, zero_offset: int) -> nn.Module:
     """A GPTQModel `TorchLinear` with `module`'s bits, groups (same `g_idx`) and symmetry, holding `weight`."""
-    source = _linear_from(weight, getattr(module, "bias", None))
+    source = linear_from(weight, getattr(module, "bias", None))
     group_size = getattr(module, "requested_group_size", None) or module.group_size
     return gptq_linear(source, bits=module.bits, group_size=group_size, sym=bool(getattr(module, "sym", True)),
                        desc_act=bool(getattr(module, "desc_act", False)), g_idx=module.g_idx.cpu()
@@ -143,12 +143,13 @@ def requantize_like_gptq(module: nn.Module, weight: torch.Tensor, zero_offset: i
 
 def requantize_like_awq(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A GPTQModel `AwqTorchLinear` with `module`'s bits and group size, holding `weight`."""
-    source = _linear_from(weight, getattr(module, "bias", None))
+    source = linear_from(weight, getattr(module, "bias", None))
     bits = int(getattr(module, "w_bit", None) or module.bits)
     return awq_linear(source, bits=bits, group_size=module.group_size).to(module.qweight.device)
 
 
-def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A CPU fp32 `nn.Linear` holding copies of `weight` (out, in) and `bias`."""
     out_features, in_features = weight.shape
     linear = nn.Linear(in_features, out_features, bias=bias is not None)
     with torch.no_grad():
@@ -159,7 +160,7 @@ def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def _cpu_float_copy(linear: nn.Linear) -> nn.Linear:
-    return _linear_from(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
+    return linear_from(linear.weight.detach(), None if linear.bias is None else linear.bias.detach())
 
 
 def quantize_model(model: nn.Module, fmt: str, *, skip: tuple[str, ...] = ("lm_head",), **options) -> nn.Module:

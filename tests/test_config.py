@@ -31,7 +31,7 @@ def test_bad_regex_is_refused():
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("bias", "some", r"bias='some' is not one of \('none', 'all', 'lora_only'\)"),
     ("lora_dropout", 1.5, r"lora_dropout=1\.5 must be in \[0, 1\)"),
-    ("init_lora_weights", "pissa", r"init_lora_weights='pissa' is not supported.*not implemented yet"),
+    ("init_lora_weights", "corda", r"init_lora_weights='corda' is not supported; use one of \(True, False, 'gaus"),
     ("compute_dtype", "int8", r"compute_dtype='int8' is not a dtype"),
 ])
 def test_bad_fields_name_value_and_fix(field, value, message):
