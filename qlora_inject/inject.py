@@ -185,6 +185,9 @@ def _current_active(model: nn.Module) -> list[str]:
 def _check_adapter_name(adapter_name: str, existing: list[str]) -> None:
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise ValueError(f"adapter_name={adapter_name!r} must be a non-empty string without '.', e.g. 'default'")
+    if hasattr(nn.ModuleDict(), adapter_name):
+        raise ValueError(f"adapter_name={adapter_name!r} clashes with an attribute of torch modules "
+                         "(adapters live in nn.ModuleDicts); pick another name, e.g. 'default'")
     if adapter_name in RESERVED_ADAPTER_NAMES:
         raise ValueError(f"adapter_name={adapter_name!r} is reserved (it means 'no adapter'); pick another name")
     if adapter_name in existing:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from qlora_inject import adapter_io
+from qlora_inject.combine import add_weighted_adapter
 from qlora_inject.config import LoraConfig
 from qlora_inject.inject import (
     InjectionReport,
@@ -92,6 +93,12 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         self.reports[adapter_name] = report
         return report
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """Add `adapter_name` = Σ weights[i]·adapters[i] (`"linear"`, `"cat"` or `"svd"`; see `combine`)."""
+        self.peft_config[adapter_name] = add_weighted_adapter(self.model, adapters, weights, adapter_name,
+                                                              combination_type, svd_rank)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; layers left without adapters get their base module back."""

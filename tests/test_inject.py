@@ -103,7 +103,8 @@ def test_bad_targets_leave_the_model_exactly_as_it_was(config, error, message):
 
 def test_bad_adapter_names():
     model = Holder(make_dense())
-    for name, message in [("", "must be a non-empty string"), ("a.b", "without '.'"), ("__base__", "is reserved")]:
+    for name, message in [("", "must be a non-empty string"), ("a.b", "without '.'"), ("__base__", "is reserved"),
+                          ("half", "clashes with an attribute of torch modules")]:
         with pytest.raises(ValueError, match=message):
             inject(model, LoraConfig(target_modules=["proj"]), adapter_name=name)
     assert isinstance(model.proj, nn.Linear)

@@ -1,0 +1,85 @@
+"""`add_weighted_adapter`: a new adapter made from existing ones, ΔW_new ≈ Σ wᵢ·ΔWᵢ.
+
+- `"cat"`: stack the factors (rank Σ rᵢ): exact.
+- `"svd"`: take Σ wᵢ·sᵢ·Bᵢ Aᵢ per layer and keep its top `svd_rank` singular directions: exact
+  when `svd_rank` reaches the rank of the sum.
+- `"linear"`: PEFT's combination for adapters of one rank, A = Σ √(wᵢ sᵢ)·Aᵢ and B = Σ √(wᵢ sᵢ)·Bᵢ;
+  exact for one adapter, an approximation (cross terms) for several.
+The new adapter has scaling 1 (lora_alpha = r), so its factors carry the weights and scales.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qlora_inject.config import LoraConfig
+from qlora_inject.inject import adapter_names, inject
+from qlora_inject.lora import LoraLinear
+from qlora_inject.targeting import iter_modules
+
+COMBINATIONS = ("linear", "cat", "svd")
+
+
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None) -> LoraConfig:
+    """Add `adapter_name` = Σ weights[i] · adapters[i] to every layer holding any of them; return its config."""
+    existing = adapter_names(model)
+    missing = [a for a in adapters if a not in existing]
+    if missing or not adapters:
+        raise ValueError(f"adapters {missing or adapters} are not in this model (adapters: {existing})")
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    if combination_type not in COMBINATIONS:
+        raise ValueError(f"combination_type={combination_type!r} is not one of {COMBINATIONS}")
+    layers = {name: m for name, m in iter_modules(model)
+              if isinstance(m, LoraLinear) and any(a in m.lora_A for a in adapters)}
+    if any(a in m.lora_magnitude_vector for m in layers.values() for a in adapters):
+        raise ValueError("DoRA adapters cannot be combined (their magnitudes do not add); merge them instead")
+    ranks = {m.r[a] for m in layers.values() for a in adapters if a in m.lora_A}
+    if combination_type == "linear" and len(ranks) > 1:
+        raise ValueError(f"'linear' needs adapters of one rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'")
+    rank = {"linear": max(ranks), "cat": sum(max(m.r.get(a, 0) for m in layers.values()) for a in adapters),
+            "svd": svd_rank or max(ranks)}[combination_type]
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers), init_lora_weights=False)
+    factors = {name: _factors(layer, adapters, weights, combination_type, rank) for name, layer in layers.items()}
+    inject(model, config, adapter_name)
+    with torch.no_grad():
+        for name, (A, B) in factors.items():
+            layers[name].lora_A[adapter_name].weight.copy_(A)
+            layers[name].lora_B[adapter_name].weight.copy_(B)
+    return config
+
+
+def _factors(layer: LoraLinear, adapters: list[str], weights: list[float], kind: str, rank: int):
+    present = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in layer.lora_A]
+    if kind == "svd":
+        delta = sum(w * layer.delta_weight(a) for a, w in present)                  # (out, in)
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        root = S[:rank].sqrt()
+        A = root[:, None] * Vh[:rank]
+        B = U[:, :rank] * root[None, :]
+        return _pad(A, rank, 0), _pad(B, rank, 1)
+    if kind == "linear":
+        A = sum(math.sqrt(abs(w * layer.scaling[a])) * layer.lora_A[a].weight.float() for a, w in present)
+        B = sum(math.copysign(math.sqrt(abs(w * layer.scaling[a])), w) * layer.lora_B[a].weight.float()
+                for a, w in present)
+        return A, B
+    blocks_A, blocks_B = [], []                                                      # cat
+    for a, w in zip(adapters, weights, strict=True):
+        if a in layer.lora_A:
+            blocks_A.append(layer.lora_A[a].weight.float())
+            blocks_B.append(w * layer.scaling[a] * layer.lora_B[a].weight.float())
+    return _pad(torch.cat(blocks_A), rank, 0), _pad(torch.cat(blocks_B, dim=1), rank, 1)
+
+
+def _pad(t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+    """Zero-pad (or cut) the rank dimension to `rank`."""
+    size = t.shape[dim]
+    if size >= rank:
+        return t.narrow(dim, 0, rank)
+    pad = [0, 0, 0, 0]
+    pad[1 if dim == 1 else 3] = rank - size
+    return torch.nn.functional.pad(t, pad)
