@@ -5,7 +5,8 @@
 
 The row norm is treated as a constant (detached), as the DoRA paper and PEFT do. It is computed
 without dequantizing the base each step: the base is frozen, so ‖W‖² per row is computed once,
-and the rest needs only W Aᵀ, which is the base's own forward on the r rows of A:
+and the rest needs only W Aᵀ, which is the base's own forward on the r rows of A (for a backend
+whose forward rounds its input, LLM.int8, W Aᵀ comes from the dequantized weight instead):
 
     ‖W + s·B A‖²_row = ‖W‖²_row + 2s·Σ_k B ⊙ (W Aᵀ) + s²·Σ_k B ⊙ (B A Aᵀ)
 """
@@ -54,7 +55,10 @@ def row_norm(layer, name: str) -> Tensor:
         B = layer.lora_B[name].weight.float()                                 # (out, r)
         s = layer.scaling[name]
         dtype = layer.lora_compute_dtype[name] or torch.float32
-        w_at = base_without_bias(layer, A.to(dtype)).float().t()              # (out, r) = W Aᵀ
+        if getattr(layer.backend, "exact_forward", True):
+            w_at = base_without_bias(layer, A.to(dtype)).float().t()          # (out, r) = W Aᵀ, by the base itself
+        else:                                                                 # its forward rounds: use the weight
+            w_at = layer.backend.dequantize(layer.base_layer).float() @ A.t()
         cross = (B * w_at).sum(dim=1)
         quadratic = (B @ (A @ A.t()) * B).sum(dim=1)
         norm_sq = base_row_norm_sq(layer) + 2 * s * cross + s * s * quadratic

@@ -19,6 +19,11 @@ class Backend(Protocol):
     """What a weight format must provide to be wrapped with LoRA."""
 
     name: str
+    # Optional attributes a backend may set:
+    #   exact_forward = False  when forward(x) is not x·dequantize(W)ᵀ + bias up to float rounding
+    #                          (LLM.int8 rounds activations); DoRA then reads W instead of the forward.
+    #   reference_forward(module, x)  the owning library's own computation, for the layout self-check,
+    #                          when `forward` is ours rather than the module's.
 
     def matches(self, module: nn.Module) -> bool:
         """True when this backend handles `module` (by class, or by its attributes)."""

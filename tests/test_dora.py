@@ -54,8 +54,7 @@ def test_row_norm_without_dequantizing_equals_the_direct_norm(fmt):
     layer = model.proj
     weight = layer.backend.dequantize(layer.base_layer).float() + layer.delta_weight("default")
     direct = torch.linalg.vector_norm(weight, dim=1)
-    tolerance = 2e-2 if fmt == "int8" else 1e-4
-    torch.testing.assert_close(row_norm(layer, "default"), direct, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(row_norm(layer, "default"), direct, atol=1e-4, rtol=1e-4)
 
 
 def test_dora_starts_as_the_base_and_trains_its_magnitude():

@@ -53,7 +53,7 @@ class AwqBackend:
         return module.in_features, module.out_features
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
-        return module.scales.dtype
+        return None                                      # the base computes in the input's dtype; so do adapters
 
     def dequantize(self, module: nn.Module) -> Tensor:
         bits = _bits(module)

@@ -90,6 +90,7 @@ class Bnb8bitBackend:
     """
 
     name = "bnb-8bit"
+    exact_forward = False                    # LLM.int8 rounds activations: x·Wᵀ needs dequantize for exactness
 
     def matches(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)

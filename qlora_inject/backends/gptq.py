@@ -64,7 +64,7 @@ class GptqBackend:
         return module.in_features, module.out_features
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
-        return module.scales.dtype
+        return None                                      # the base computes in the input's dtype; so do adapters
 
     def zero_offset(self, module: nn.Module) -> int:
         """1 when the module stores `zero − 1` (v1), 0 for true zeros (v2)."""
