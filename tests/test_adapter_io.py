@@ -23,7 +23,8 @@ CONFIGS = {
     "rslora-regex": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=r".*\.(q|k)_proj"),
     "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
 }
-QUANTS = ["none", pytest.param("nf4", marks=requires("bitsandbytes")), pytest.param("int8", marks=requires("bitsandbytes")),
+QUANTS = ["none", pytest.param("nf4", marks=requires("bitsandbytes")),
+          pytest.param("int8", marks=requires("bitsandbytes")),
           pytest.param("hqq", marks=requires("hqq")), pytest.param("gptq", marks=requires("gptqmodel")),
           pytest.param("awq", marks=requires("gptqmodel"))]
 PEFT_HAS_NO_DORA = ("gptq", "awq")
