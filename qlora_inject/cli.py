@@ -1,34 +1,180 @@
-"""The `qlora-inject` command."""
+"""The `qlora-inject` command: train, inspect, bench, merge.
+
+Bad input is reported as one line on stderr with exit status 2, never a traceback (`--debug` shows it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+from qlora_inject.train import QUANTS, TrainOptions, UsageError
+
+BUILTIN = "builtin"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit 2), without the usage block."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlora-inject", description="LoRA adapters for quantized models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    quick = commands.add_parser(
-        "quickstart", help="the seed's LoraModel script on a built-in tiny 4-bit Llama, then a short training run")
-    quick.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
-    quick.add_argument("--output", type=Path, default=Path("runs/quickstart"), help="where to save the adapter")
-    quick.add_argument("--seed", type=int, default=0)
+    parser = OneLineParser(prog="qlora-inject", description="LoRA adapters for quantized models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = commands.add_parser("train", help="LoRA fine-tuning of a quantized causal LM (default: a built-in "
+                                              "tiny Llama in NF4 on the shipped corpus, ~2 minutes on a CPU)")
+    train.add_argument("--model", type=Path, default=None, help="local Hugging Face causal LM directory")
+    train.add_argument("--quant", choices=QUANTS, default="nf4", help="base format (default: nf4)")
+    train.add_argument("--r", type=int, default=16, help="LoRA rank (default: 16)")
+    train.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default: 32)")
+    train.add_argument("--target-modules", default="all-linear",
+                       help="comma-separated name suffixes, or all-linear (default)")
+    train.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
+    train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument("--data", type=Path, default=None, help="a text or JSONL file (default: the shipped corpus)")
+    train.add_argument("--output", type=Path, default=Path("runs/train"), help="adapter, checkpoint, loss curve")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output")
+    train.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default: 50)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    inspect = commands.add_parser("inspect", help="list linear-like modules, their format and whether a target "
+                                                  "setting would wrap them; changes nothing")
+    inspect.add_argument("model", help=f"local Hugging Face model directory, or {BUILTIN!r}")
+    inspect.add_argument("--quant", choices=QUANTS, default="none",
+                         help="quantize on load (default: none, i.e. as stored)")
+    inspect.add_argument("--target-modules", default="all-linear")
+
+    bench = commands.add_parser("bench", help="the cross-format layer benchmark (quick shape by default)")
+    bench.add_argument("--full", action="store_true", help="4096 -> 11008 instead of 1024 -> 2816")
+    bench.add_argument("--formats", default=None, help="comma-separated, e.g. dense,nf4,int8")
+    bench.add_argument("--output", type=Path, default=Path("runs/bench"), help="folder for layer.md and layer.png")
+
+    merge = commands.add_parser("merge", help="merge an adapter into its base and save the model")
+    merge.add_argument("base", help=f"local Hugging Face model directory, or {BUILTIN!r}")
+    merge.add_argument("adapter", type=Path, help="adapter directory (this library's or PEFT's)")
+    merge.add_argument("out", type=Path, help="new folder for the merged model")
+    merge.add_argument("--quant", choices=QUANTS, default="nf4",
+                       help="the base format the adapter was trained on (default: nf4)")
+    merge.add_argument("--dequantize", action="store_true", help="save a plain dense model")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "quickstart":
-        if args.steps < 1:
-            print(f"qlora-inject: error: --steps {args.steps} must be at least 1", file=sys.stderr)
-            return 2
-        from qlora_inject.quickstart import run
+    try:
+        return {"train": run_train, "inspect": run_inspect, "bench": run_bench, "merge": run_merge}[args.command](args)
+    except (UsageError, ValueError, TypeError, OSError, ImportError) as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"qlora-inject {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
-        losses = run(steps=args.steps, output=args.output, seed=args.seed)
-        return 0 if losses[-1] < losses[0] else 1
-    return 2
+
+def run_train(args: argparse.Namespace) -> int:
+    from qlora_inject.train import train
+
+    options = TrainOptions(
+        model=args.model, quant=args.quant, r=args.r, alpha=args.alpha, target_modules=args.target_modules,
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, data=args.data,
+        output=args.output, resume=args.resume, save_every=args.save_every, seed=args.seed,
+        progress=not args.no_progress,
+    )
+    result = train(options)
+    return 0 if not result.losses or result.losses[-1] < result.losses[0] or result.start_step else 1
+
+
+def _load(model: str, quant: str):
+    from qlora_inject.train import build_default_model, load_model
+
+    if model == BUILTIN:
+        with tempfile.TemporaryDirectory(prefix="qlora-inject-model-") as tmp:
+            return load_model(build_default_model(Path(tmp)), quant)
+    path = Path(model)
+    if not path.exists():
+        raise UsageError(f"model {model!r} does not exist; give a local Hugging Face model directory or {BUILTIN!r}")
+    return load_model(path, quant)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from qlora_inject.bench import markdown_table
+    from qlora_inject.config import LoraConfig
+    from qlora_inject.registry import find_backend
+    from qlora_inject.targeting import explain, iter_modules, name_matches, output_head_names, resolve_targets
+
+    model = _load(args.model, args.quant)
+    spec = args.target_modules if args.target_modules == "all-linear" else \
+        [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    config = LoraConfig(target_modules=spec)
+    targets = resolve_targets(model, config)
+    heads = output_head_names(model)
+    rows, wrapped = [], 0
+    for name, module in iter_modules(model):
+        backend = find_backend(module)
+        if backend is None and not (targets != "all-linear" and name_matches(name, targets)):
+            continue
+        reason = explain(name, module, config, targets, heads)
+        if backend is None:
+            reason = f"no backend handles {type(module).__name__}"
+        in_features, out_features = backend.features(module) if backend else ("—", "—")
+        wrapped += reason is None
+        rows.append([name, type(module).__name__, backend.name if backend else "—", in_features, out_features,
+                     "yes" if reason is None else f"no: {reason}"])
+    print(markdown_table(["module", "class", "backend", "in", "out", "wrapped"], rows))
+    print(f"\n{wrapped} of {len(rows)} modules would be wrapped with target_modules={args.target_modules!r}")
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from qlora_inject.bench import QUICK, LayerWorkload, layer_report, plot_layer, run_layer_benchmark
+
+    workload = LayerWorkload() if args.full else QUICK
+    if args.formats:
+        workload = dataclasses.replace(workload, formats=tuple(f.strip() for f in args.formats.split(",")))
+    results = run_layer_benchmark(workload)
+    text = layer_report(workload, results)
+    print(text)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "layer.md").write_text(text + "\n")
+    plot_layer(results, args.output / "layer.png")
+    print(f"\nwritten: {args.output / 'layer.md'}, {args.output / 'layer.png'}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from qlora_inject.model import LoraModel
+
+    if args.out.exists() and any(args.out.iterdir()):
+        raise UsageError(f"output folder {str(args.out)!r} is not empty; give a new folder")
+    if not args.dequantize and args.quant in ("gptq", "awq", "hqq"):
+        raise UsageError(f"a merged {args.quant} model quantized here cannot be saved in that format by "
+                         "transformers; add --dequantize for a dense model")
+    model = LoraModel.from_pretrained(_load(args.base, args.quant), args.adapter)
+    merged = model.merge_and_unload(dequantize=args.dequantize)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent if args.out.parent.exists()
+                                    else None))
+    try:
+        merged.save_pretrained(staging)
+        if args.out.exists():
+            args.out.rmdir()
+        shutil.move(str(staging), str(args.out))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    kind = "dense" if args.dequantize else args.quant
+    print(f"merged {args.adapter} into {args.base} ({kind}); saved to {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

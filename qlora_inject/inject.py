@@ -133,7 +133,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     active = _current_active(model) or [adapter_name]
     report = InjectionReport(adapter_name)
     for name, module, wrapper, spec, parts in plan:
+        parts.train(module.training)                                         # a model in eval mode stays there
         wrapper.attach_adapter(adapter_name, spec, parts)
+        wrapper.training = module.training
         if wrapper is not module:
             replace_module(model, name, wrapper)
         report.wrapped.append(WrappedModule(

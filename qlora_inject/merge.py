@@ -66,7 +66,19 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
             backend = find_backend(module)
             if backend is not None and backend.name != "dense":
                 replace_module(model, name, _dense_copy(module, backend, dtype))
+        _forget_quantization(model)
     return model
+
+
+def _forget_quantization(model: nn.Module) -> None:
+    """Drop transformers' record that the model was quantized, so that it saves and reloads as dense."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    for attribute, value in (("hf_quantizer", None), ("is_quantized", False), ("quantization_method", None),
+                             ("is_loaded_in_4bit", False), ("is_loaded_in_8bit", False)):
+        if attribute in vars(model):
+            setattr(model, attribute, value)
 
 
 def _dense_copy(module: nn.Module, backend, dtype: torch.dtype | None) -> nn.Linear:

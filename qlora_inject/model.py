@@ -218,7 +218,7 @@ class LoraModel(nn.Module):
         flags = _grad_flags(model)
         lora_model = cls(model, config, adapter_name)
         _fill_loaded(model, tensors, adapter_name, flags, is_trainable)
-        return lora_model
+        return lora_model if is_trainable else lora_model.eval()
 
 
 def _grad_flags(model: nn.Module) -> dict[str, bool]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import requires
-
 
 def run_python(code: str, cwd: str = "/") -> str:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, check=True)
@@ -30,13 +28,3 @@ def test_kernels_live_under_qlora_inject_only():
         "str(importlib.util.find_spec('kernels').origin))"
     )
     assert out == "qlora_inject.kernels.dequant_4bit True"
-
-
-@requires("transformers")
-@requires("bitsandbytes")
-def test_quickstart_runs_the_seed_script_and_learns(tmp_path):
-    from qlora_inject.cli import main
-
-    assert main(["quickstart", "--steps", "12", "--output", str(tmp_path / "adapter")]) == 0
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert main(["quickstart", "--steps", "0"]) == 2

@@ -1,0 +1,215 @@
+"""The cross-format layer benchmark: one LoRA-wrapped linear per format, this library vs PEFT vs dense.
+
+Question: what does one LoRA-wrapped quantized linear cost to train, per format, against PEFT over
+the very same quantized module and against a frozen dense layer of the same shape? Forward +
+backward (the input gradient included, as inside a model), medians of several runs, ratios from
+one run, and the bytes autograd saves for backward.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora_inject.config import LoraConfig
+from qlora_inject.inject import inject
+
+
+@dataclass(frozen=True)
+class LayerWorkload:
+    in_features: int = 4096
+    out_features: int = 11008
+    tokens: int = 128
+    r: int = 16
+    repeat: int = 7
+    formats: tuple[str, ...] = ("dense", "nf4", "fp4", "int8", "hqq", "gptq", "awq")
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    fmt: str
+    ours_s: float
+    peft_s: float | None
+    dense_s: float
+    ours_saved: int
+    peft_saved: int | None
+
+
+QUICK = LayerWorkload(in_features=1024, out_features=2816, repeat=5)
+
+
+def machine() -> str:
+    """One line naming the machine and the library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
+    versions = []
+    for package in ("torch", "bitsandbytes", "hqq", "gptqmodel", "autoawq", "peft", "transformers"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return f"{device}; {', '.join(versions)}"
+
+
+def median_seconds(step: Callable[[], None], repeat: int = 7, warmup: int = 2) -> float:
+    """Median wall time of `step` over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def saved_for_backward_bytes(forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd keeps from one forward, each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = forward()
+    del out
+    return sum(seen.values())
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+        self.anchor = nn.Parameter(torch.zeros(1), requires_grad=False)     # PEFT reads a device off it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _available(fmt: str) -> bool:
+    needs = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int8": "bitsandbytes", "hqq": "hqq",
+             "gptq": "gptqmodel", "awq": "gptqmodel"}.get(fmt)
+    if needs is None:
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec(needs) is not None
+
+
+def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
+    """Time every available format of `workload`; PEFT's column is None where PEFT cannot wrap it."""
+    from qlora_inject.quantize import quantize_linear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(workload.in_features, workload.out_features, bias=False).requires_grad_(False)
+    x = torch.randn(workload.tokens, workload.in_features, requires_grad=True)
+    grad = torch.randn(workload.tokens, workload.out_features)
+
+    def step_of(model: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            x.grad = None
+            model(x).backward(grad)
+        return step
+
+    def build(fmt: str) -> nn.Module:
+        if fmt == "dense":
+            return copy.deepcopy(dense)
+        layer = quantize_linear(dense, fmt, compute_dtype=torch.float32, group_size=128 if fmt != "hqq" else 64)
+        if hasattr(layer, "support_avx512bf16_for_cpu"):                  # no in-place CPU repack, as when wrapped
+            layer.support_avx512bf16_for_cpu = False
+        return layer
+
+    dense_s = median_seconds(step_of(dense), workload.repeat)
+    results = []
+    for fmt in (f for f in workload.formats if _available(f)):
+        config = dict(r=workload.r, lora_alpha=2 * workload.r, target_modules=["proj"], init_lora_weights=False)
+        ours = _Holder(build(fmt))
+        inject(ours, LoraConfig(**config))
+        ours_s = median_seconds(step_of(ours), workload.repeat)
+        ours_saved = saved_for_backward_bytes(lambda m=ours: m(x))
+        peft_s = peft_saved = None
+        try:
+            import peft
+
+            theirs = _Holder(build(fmt))
+            peft.LoraModel(theirs, peft.LoraConfig(**config), "default")
+            peft_s = median_seconds(step_of(theirs), workload.repeat)
+            peft_saved = saved_for_backward_bytes(lambda m=theirs: m(x))
+        except (ImportError, ValueError, TypeError, RuntimeError):
+            pass                                                            # PEFT does not wrap this format here
+        results.append(LayerResult(fmt, ours_s, peft_s, dense_s, ours_saved, peft_saved))
+    return results
+
+
+def layer_report(workload: LayerWorkload, results: list[LayerResult]) -> str:
+    """The markdown report: machine, workload, then one row per format."""
+    def ms(seconds: float | None) -> str:
+        return "—" if seconds is None else f"{seconds * 1e3:.1f}"
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "—" if a is None or b is None else f"{a / b:.2f}"
+
+    def mib(count: int | None) -> str:
+        return "—" if count is None else f"{count / 2**20:.1f}"
+
+    rows = [[r.fmt, ms(r.ours_s), ms(r.peft_s), ms(r.dense_s), ratio(r.ours_s, r.dense_s), ratio(r.peft_s, r.dense_s),
+             ratio(r.ours_s, r.peft_s), mib(r.ours_saved), mib(r.peft_saved)] for r in results]
+    return "\n".join([
+        f"machine: {machine()}",
+        f"workload: one linear {workload.in_features} -> {workload.out_features}, {workload.tokens} tokens, "
+        f"r={workload.r}, fp32 compute, forward + backward, median of {workload.repeat}",
+        "",
+        markdown_table(["format", "ours ms", "PEFT ms", "dense ms", "ours/dense", "PEFT/dense", "ours/PEFT",
+                        "ours saved MiB", "PEFT saved MiB"], rows),
+    ])
+
+
+def plot_layer(results: list[LayerResult], path: Path) -> None:
+    """Bar chart of time relative to the dense layer, this library vs PEFT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.fmt for r in results]
+    ours = [r.ours_s / r.dense_s for r in results]
+    theirs = [(r.peft_s or 0) / r.dense_s for r in results]
+    figure, axis = plt.subplots(figsize=(7, 3.5))
+    positions = range(len(names))
+    axis.bar([p - 0.2 for p in positions], ours, width=0.4, label="qlora_inject")
+    axis.bar([p + 0.2 for p in positions], theirs, width=0.4, label="PEFT")
+    axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="dense layer")
+    axis.set_xticks(list(positions), names)
+    axis.set_ylabel("time / dense layer")
+    axis.set_title("one LoRA layer, forward + backward")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
