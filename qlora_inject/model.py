@@ -42,6 +42,9 @@ class LoraModel(nn.Module):
     """
 
     prefix = "lora_"
+    # transformers' Trainer refuses to fine-tune a quantized model unless it sees adapters attached;
+    # this is the flag it reads (its own PEFT integration sets it on models it gives adapters to).
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__()
