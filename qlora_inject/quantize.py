@@ -79,10 +79,12 @@ def rtn_groupwise(weight: torch.Tensor, bits: int, groups: torch.Tensor, sym: bo
     weight = weight.float()
     maxq = 2**bits - 1
     count = int(groups.max()) + 1
-    one_hot = torch.nn.functional.one_hot(groups.long(), count).bool()          # (in, groups)
-    masked = weight[:, :, None].masked_fill(~one_hot[None], float("nan"))      # (out, in, groups)
-    low = masked.nan_to_num(float("inf")).amin(dim=1).clamp(max=0)             # (out, groups)
-    high = masked.nan_to_num(float("-inf")).amax(dim=1).clamp(min=0)
+    low = torch.empty(weight.shape[0], count)                                   # (out, groups)
+    high = torch.empty(weight.shape[0], count)
+    for group in range(count):                                                  # act-order groups are scattered
+        columns = weight[:, groups == group]
+        low[:, group] = columns.amin(dim=1).clamp(max=0)
+        high[:, group] = columns.amax(dim=1).clamp(min=0)
     if sym:
         scales = (2 * torch.maximum(low.abs(), high) / maxq).clamp(min=1e-8)
         zeros = torch.full_like(scales, (maxq + 1) // 2)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from qlora_inject.backends.gptq import can_train, is_gptqmodel_layer, methods_of
 from qlora_inject.kernels.dequant_gptq import dequantize_awq_gemm, dequantize_awq_gemv
+from qlora_inject.kernels.dequant_matmul import dequantized_linear
 from qlora_inject.registry import class_is
 
 
@@ -64,8 +65,7 @@ class AwqBackend:
                                    module.out_features, interleaved=bits == 4)
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
-        bias = getattr(module, "bias", None)
-        return F.linear(x, self.dequantize(module).to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return dequantized_linear(x, lambda: self.dequantize(module), getattr(module, "bias", None))
 
     def reference_forward(self, module: nn.Module, x: Tensor) -> Tensor:
         """The owning library's own computation, for the layout self-check."""

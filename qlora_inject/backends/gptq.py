@@ -12,10 +12,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlora_inject.kernels.dequant_gptq import dequantize_gptq
+from qlora_inject.kernels.dequant_matmul import dequantized_linear
 from qlora_inject.registry import class_is
 
 GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
@@ -46,8 +46,7 @@ def run_or_fall_back(module: nn.Module, x: Tensor, backend) -> Tensor:
             "GPTQModel's BACKEND.TORCH, to avoid this)", UserWarning, stacklevel=4,
         )
         module._qlora_inject_warned = True
-    bias = getattr(module, "bias", None)
-    return F.linear(x, backend.dequantize(module).to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return dequantized_linear(x, lambda: backend.dequantize(module), getattr(module, "bias", None))
 
 
 class GptqBackend:
