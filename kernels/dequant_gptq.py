@@ -52,6 +52,12 @@ def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tens
     z = unpack_cols(qzeros, bits, out_features)                                     # (groups, out)
     if zero_offset:
         z = (z + zero_offset) & ((1 << bits) - 1)
+    count = z.shape[0]
+    size = -(-in_features // count)
+    if size * count == in_features and torch.equal(g_idx.long(), torch.arange(in_features, device=g_idx.device) // size):
+        # Groups in order (no act-order): broadcast per group instead of gathering every row.
+        grouped = (q.view(count, size, -1) - z[:, None, :]).to(scales.dtype) * scales[:, None, :]
+        return grouped.view(in_features, -1).t()
     groups = g_idx.long()
     weight = (q - z[groups]).to(scales.dtype) * scales[groups]                      # (in, out)
     return weight.t()
@@ -65,12 +71,30 @@ def dequantize_awq_gemm(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: i
         interleaved: True for the [0, 2, 4, 6, 1, 3, 5, 7] nibble order (AutoAWQ, and GPTQModel at
             4 bits); False for a plain LSB-first stream (GPTQModel at 2, 3 and 8 bits).
     """
-    q = unpack_cols(qweight, bits, out_features)                                    # (in, out)
-    z = unpack_cols(qzeros, bits, out_features)                                     # (groups, out)
-    if interleaved:
-        q, z = (t.reshape(t.shape[0], -1, 8)[:, :, AWQ_REVERSE_ORDER].reshape(t.shape) for t in (q, z))
-    groups = torch.arange(q.shape[0], device=q.device) // group_size
-    return ((q - z[groups]).to(scales.dtype) * scales[groups]).t()
+    if 32 % bits == 0:                                        # codes never straddle words: one pass each
+        q = _unpack_words(qweight, bits, out_features, interleaved)                  # (in, out)
+        z = _unpack_words(qzeros, bits, out_features, interleaved)                   # (groups, out)
+    else:
+        q = unpack_cols(qweight, bits, out_features)
+        z = unpack_cols(qzeros, bits, out_features)
+    in_features = q.shape[0]
+    groups = -(-in_features // group_size)
+    if groups * group_size == in_features:                    # broadcast per group instead of gathering rows
+        grouped = (q.view(groups, group_size, -1) - z[:, None, :]).to(scales.dtype) * scales[:, None, :]
+        return grouped.view(in_features, -1).t()
+    rows = torch.arange(in_features, device=q.device) // group_size
+    return ((q - z[rows]).to(scales.dtype) * scales[rows]).t()
+
+
+def _unpack_words(packed: Tensor, bits: int, count: int, interleaved: bool) -> Tensor:
+    """Codes packed along dim 1, `32 / bits` per int32 word → (rows, count) int32."""
+    per_word = 32 // bits
+    if interleaved:                                           # logical column j of a word sits in nibble REVERSE[j]
+        positions = torch.tensor(AWQ_REVERSE_ORDER, device=packed.device, dtype=torch.int32)
+    else:
+        positions = torch.arange(per_word, device=packed.device, dtype=torch.int32)
+    codes = (packed[:, :, None] >> (positions * bits)) & ((1 << bits) - 1)         # (rows, words, per_word)
+    return codes.reshape(packed.shape[0], -1)[:, :count]
 
 
 def dequantize_awq_gemv(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group_size: int,
