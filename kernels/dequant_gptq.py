@@ -54,7 +54,8 @@ def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tens
         z = (z + zero_offset) & ((1 << bits) - 1)
     count = z.shape[0]
     size = -(-in_features // count)
-    if size * count == in_features and torch.equal(g_idx.long(), torch.arange(in_features, device=g_idx.device) // size):
+    in_order = torch.arange(in_features, device=g_idx.device) // size
+    if size * count == in_features and torch.equal(g_idx.long(), in_order):
         # Groups in order (no act-order): broadcast per group instead of gathering every row.
         grouped = (q.view(count, size, -1) - z[:, None, :]).to(scales.dtype) * scales[:, None, :]
         return grouped.view(in_features, -1).t()
