@@ -180,3 +180,28 @@ def _with_scales_dtype(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
     if getattr(layer, "bias", None) is not None:
         layer.bias = layer.bias.detach().to(dtype)
     return layer
+
+
+# One small layer per format, as built by its library, and the package each needs.
+FORMAT_LAYERS = {
+    "dense": (lambda: make_dense(), None),
+    "nf4": (lambda: make_bnb4("nf4", True), "bitsandbytes"),
+    "fp4": (lambda: make_bnb4("fp4", False), "bitsandbytes"),
+    "int8": (lambda: make_bnb8(0.0), "bitsandbytes"),
+    "int8-outliers": (lambda: make_bnb8(6.0), "bitsandbytes"),
+    "hqq": (lambda: make_hqq(4, 64, 1, torch.float32), "hqq"),
+    "gptq": (lambda: make_gptq(4, 32, dtype=torch.float32), "gptqmodel"),
+    "gptq-act-order": (lambda: make_gptq(4, 32, sym=False, act_order=True, dtype=torch.float32), "gptqmodel"),
+    "awq": (lambda: make_awq(4, 32, dtype=torch.float32), "gptqmodel"),
+    "autoawq": (lambda: make_autoawq("gemm", 32, dtype=torch.float32), "awq"),
+}
+
+
+def format_params(*names: str) -> list:
+    """pytest params for these formats, each skipped (with a reason) where its library is missing."""
+    import pytest
+
+    from conftest import requires
+
+    return [pytest.param(name, marks=requires(FORMAT_LAYERS[name][1]) if FORMAT_LAYERS[name][1] else ())
+            for name in names]

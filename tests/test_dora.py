@@ -8,23 +8,14 @@ import torch
 from qlora_inject import LoraConfig, inject
 from qlora_inject.dora import row_norm
 
-from conftest import requires
-from factories import IN_FEATURES, Holder, make_awq, make_bnb4, make_bnb8, make_dense, make_gptq, make_hqq
+from factories import FORMAT_LAYERS as LAYERS
+from factories import IN_FEATURES, Holder, format_params, make_dense
 from parity import TOL, assert_matches_peft
 
-LAYERS = {
-    "dense": (lambda: make_dense(), None),
-    "nf4": (lambda: make_bnb4("nf4", True), "bitsandbytes"),
-    "int8": (lambda: make_bnb8(0.0), "bitsandbytes"),
-    "hqq": (lambda: make_hqq(4, 64, 1, torch.float32), "hqq"),
-    "gptq": (lambda: make_gptq(4, 32, dtype=torch.float32), "gptqmodel"),
-    "awq": (lambda: make_awq(4, 32, dtype=torch.float32), "gptqmodel"),
-}
-PARAMS = [pytest.param(name, marks=requires(pkg) if pkg else ()) for name, (_, pkg) in LAYERS.items()]
-PEFT_HAS_DORA = ["dense", "nf4", "int8", "hqq"]                               # PEFT refuses DoRA on GPTQ and AWQ
+PARAMS = format_params("dense", "nf4", "int8", "hqq", "gptq", "awq")
 
 
-@pytest.mark.parametrize("fmt", [p for p in PARAMS if p.values[0] in PEFT_HAS_DORA])
+@pytest.mark.parametrize("fmt", format_params("dense", "nf4", "int8", "hqq"))   # PEFT refuses DoRA on GPTQ, AWQ
 def test_dora_matches_peft(fmt):
     # int8's base output rounds activations, which enter DoRA's norm through W·Aᵀ; fp16-level tolerance.
     tol = TOL[torch.float16] if fmt == "int8" else None

@@ -9,17 +9,10 @@ from torch import nn
 from qlora_inject import LoraConfig, find_backend, inject
 
 from conftest import requires
-from factories import IN_FEATURES, Holder, dense_weight, make_awq, make_bnb4, make_bnb8, make_dense, make_gptq, make_hqq
+from factories import FORMAT_LAYERS as LAYERS
+from factories import IN_FEATURES, Holder, dense_weight, format_params, make_bnb4, make_dense
 
-LAYERS = {
-    "dense": (lambda: make_dense(), None),
-    "nf4": (lambda: make_bnb4("nf4", True), "bitsandbytes"),
-    "int8": (lambda: make_bnb8(0.0), "bitsandbytes"),
-    "hqq": (lambda: make_hqq(4, 64, 1, torch.float32), "hqq"),
-    "gptq": (lambda: make_gptq(4, 32, dtype=torch.float32), "gptqmodel"),
-    "awq": (lambda: make_awq(4, 32, dtype=torch.float32), "gptqmodel"),
-}
-PARAMS = [pytest.param(name, marks=requires(pkg) if pkg else ()) for name, (_, pkg) in LAYERS.items()]
+PARAMS = format_params("dense", "nf4", "int8", "hqq", "gptq", "awq")
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
