@@ -41,3 +41,19 @@ def test_bf16_input():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert x.grad.dtype == torch.bfloat16
+
+
+def test_gathered_multi_adapter_update_equals_the_loop_and_the_math():
+    from qlora_inject.kernels.lora_batched import lora_gathered, lora_looped, stack_adapters
+
+    pairs = [(torch.randn(r, 24), torch.randn(40, r)) for r in (2, 4, 8)]
+    A, B = stack_adapters(pairs)
+    assert A.shape == (3, 8, 24) and B.shape == (3, 40, 8)
+    scaling = torch.tensor([0.5, 2.0, 1.0])
+    x = torch.randn(9, 24)
+    index = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2])
+    gathered = lora_gathered(x, A, B, scaling, index)
+    torch.testing.assert_close(gathered, lora_looped(x, A, B, scaling, index))
+    for t, i in enumerate(index.tolist()):
+        expected = torch.zeros(40) if i < 0 else scaling[i] * (pairs[i][1] @ (pairs[i][0] @ x[t]))
+        torch.testing.assert_close(gathered[t], expected, atol=1e-4, rtol=1e-4)

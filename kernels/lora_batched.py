@@ -1,0 +1,49 @@
+"""Many adapters in one batch: token t uses adapter `index[t]` (−1: none), in one gathered pass.
+
+    delta[t] = s[i] · B[i] A[i] x[t],   i = index[t]
+
+Adapters are stacked with their ranks zero-padded to the largest, so shrink (x·Aᵀ) and expand
+(h·Bᵀ) are each one batched contraction over gathered factors instead of a loop over adapters.
+Gathering costs tokens × r × (in + out) elements: meant for decode-sized batches (serving many
+adapters), where the per-adapter loop's many small launches dominate. Pure torch: the CPU path and
+the oracle for a Triton shrink/expand kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def stack_adapters(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """[(A (r_i, in), B (out, r_i))] → A (n, r, in), B (n, out, r), zero-padded to the largest rank."""
+    rank = max(A.shape[0] for A, _ in pairs)
+    stacked_A = torch.stack([torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0])) for A, _ in pairs])
+    stacked_B = torch.stack([torch.nn.functional.pad(B, (0, rank - B.shape[1])) for _, B in pairs])
+    return stacked_A, stacked_B
+
+
+def lora_gathered(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
+    """The per-token LoRA update, (tokens, out).
+
+    Args:
+        x: (tokens, in) input.
+        A: (n, r, in) and B: (n, out, r) stacked factors; scaling: (n,).
+        index: (tokens,) adapter of each token, −1 for none.
+    """
+    active = index >= 0
+    chosen = index.clamp_min(0)
+    hidden = torch.einsum("ti,tri->tr", x, A[chosen])                            # shrink: (tokens, r)
+    hidden = hidden * (scaling[chosen] * active).to(hidden.dtype)[:, None]
+    return torch.einsum("tr,tor->to", hidden, B[chosen])                         # expand: (tokens, out)
+
+
+def lora_looped(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
+    """The same update with one pair of matmuls per adapter present (the reference)."""
+    delta = x.new_zeros(x.shape[0], B.shape[1])
+    for adapter in index.unique().tolist():
+        if adapter < 0:
+            continue
+        rows = (index == adapter).nonzero().squeeze(1)
+        delta[rows] = scaling[adapter] * (x[rows] @ A[adapter].t() @ B[adapter].t())
+    return delta
