@@ -57,3 +57,48 @@ def test_gathered_multi_adapter_update_equals_the_loop_and_the_math():
     for t, i in enumerate(index.tolist()):
         expected = torch.zeros(40) if i < 0 else scaling[i] * (pairs[i][1] @ (pairs[i][0] @ x[t]))
         torch.testing.assert_close(gathered[t], expected, atol=1e-4, rtol=1e-4)
+
+
+TRITON_CHECK = r"""
+import torch
+from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise, dequantize_blockwise_8bit
+from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit_triton
+import bitsandbytes.functional as F
+
+torch.manual_seed(0)
+for shape in [(64, 128), (40, 96), (7, 200)]:
+    for quant_type in ("nf4", "fp4"):
+        for nested in (False, True):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                weight = torch.randn(shape)
+                packed, state = F.quantize_4bit(weight, blocksize=64, quant_type=quant_type,
+                                                compress_statistics=nested)
+                absmax = state.absmax
+                if nested:
+                    absmax = dequantize_blockwise_8bit(absmax, state.state2.code, state.state2.absmax,
+                                                       state.state2.blocksize) + state.offset
+                twin = dequantize_4bit_blockwise(packed, absmax, state.code, 64, tuple(state.shape), dtype)
+                kernel = dequantize_4bit_triton(packed, absmax, state.code, 64, tuple(state.shape), dtype)
+                assert kernel.dtype == dtype, dtype
+                if dtype == torch.float32:
+                    assert torch.equal(kernel, twin), (shape, quant_type, nested)
+                else:   # the interpreter's bf16/fp16 casts may round the last bit differently from torch's
+                    ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+                    torch.testing.assert_close(kernel.float(), twin.float(), atol=1e-6, rtol=ulp)
+print("ok")
+"""
+
+
+def test_triton_4bit_dequantize_equals_its_torch_twin_under_the_interpreter():
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs triton and bitsandbytes")
+    env = dict(os.environ, TRITON_INTERPRET="1")                            # read when triton.jit decorates
+    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, env=env, cwd="/")
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

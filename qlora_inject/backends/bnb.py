@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise, dequantize_blockwise_8bit
+from qlora_inject.kernels.dequant_4bit import dequantize_blockwise_8bit
+from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit
 from qlora_inject.registry import class_is
 
 
@@ -55,7 +56,7 @@ class Bnb4bitBackend:
         if state.nested:
             nested = state.state2
             absmax = dequantize_blockwise_8bit(absmax, nested.code, nested.absmax, nested.blocksize) + state.offset
-        return dequantize_4bit_blockwise(
+        return dequantize_4bit(
             module.weight.data, absmax, state.code, state.blocksize, tuple(state.shape), state.dtype
         )                                                                    # (out, in)
 
