@@ -59,7 +59,9 @@ class LoraLinear(nn.Module):
     """A base layer of any registered format with named LoRA adapters on top.
 
     Args:
-        base_layer: The module to wrap; kept as is (same object) and never modified.
+        base_layer: The module to wrap; kept as is (the same object, its tensors untouched). Only a
+            PiSSA/OLoRA/LoftQ start replaces it, at injection, by the requantized residual; a merge
+            swaps in a requantized copy and unmerge puts this very object back.
         backend: The format backend that handles `base_layer`.
     """
 
