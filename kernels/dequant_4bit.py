@@ -8,6 +8,7 @@ the absmax vector is itself stored as 8-bit codes, blockwise, plus a scalar offs
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -48,6 +49,16 @@ def dequantize_4bit_blockwise(
     nibbles = torch.stack((data >> 4, data & 0x0F), dim=-1).view(-1)[:numel]  # (numel,) high first
     values = code.float()[nibbles.long()]
     return _scale_blocks(values, absmax.float(), blocksize).view(shape).to(dtype)
+
+
+def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, ...],
+                    dtype: torch.dtype) -> Tensor:
+    """The Triton kernel for CUDA tensors when Triton is installed, this pure-torch twin otherwise."""
+    if packed.is_cuda and importlib.util.find_spec("triton") is not None:
+        from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit_triton
+
+        return dequantize_4bit_triton(packed, absmax, code, blocksize, shape, dtype)
+    return dequantize_4bit_blockwise(packed, absmax, code, blocksize, shape, dtype)
 
 
 def _scale_blocks(values: Tensor, absmax: Tensor, blocksize: int) -> Tensor:

@@ -2,9 +2,9 @@
 
 Three names, as for every kernel here: `_dequantize_4bit_kernel` (the `@triton.jit` kernel),
 `dequantize_4bit_triton` (the checked wrapper), and the pure-torch reference
-`qlora_inject.kernels.dequant_4bit.dequantize_4bit_blockwise`. `dequantize_4bit` picks Triton for
-CUDA tensors when Triton is importable, the twin otherwise. Double quantization's absmax is
-decoded by the twin first (it is tiny: one value per 64 weights).
+`qlora_inject.kernels.dequant_4bit.dequantize_4bit_blockwise`. `dequant_4bit.dequantize_4bit`
+imports this module (and so Triton) only for CUDA tensors. Double quantization's absmax is decoded
+by the twin first (it is tiny: one value per 64 weights).
 """
 
 from __future__ import annotations
@@ -12,37 +12,27 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
-
-from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:                                                          # CPU-only installs
-    triton = None
 
 BLOCK = 1024
 
-if triton is not None:
 
-    @triton.jit
-    def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, blocksize,
-                                BLOCK: tl.constexpr):
-        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)            # element indices
-        mask = offsets < numel
-        byte = tl.load(packed_ptr + offsets // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(offsets % 2 == 0, (byte >> 4) & 0xF, byte & 0xF)  # first element: high nibble
-        value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-        scale = tl.load(absmax_ptr + offsets // blocksize, mask=mask, other=0.0)
-        tl.store(out_ptr + offsets, (value * scale).to(out_ptr.dtype.element_ty), mask=mask)
+@triton.jit
+def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, blocksize, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)                # element indices
+    mask = offsets < numel
+    byte = tl.load(packed_ptr + offsets // 2, mask=mask, other=0).to(tl.int32)
+    nibble = tl.where(offsets % 2 == 0, (byte >> 4) & 0xF, byte & 0xF)      # first element: high nibble
+    value = tl.load(code_ptr + nibble, mask=mask, other=0.0)
+    scale = tl.load(absmax_ptr + offsets // blocksize, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, (value * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def dequantize_4bit_triton(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
                            shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """Triton twin of `dequantize_4bit_blockwise`; same arguments, same result."""
-    if triton is None:
-        raise RuntimeError("dequantize_4bit_triton needs triton; use dequantize_4bit_blockwise")
     numel = math.prod(shape)
     data = packed.contiguous().view(-1).view(torch.uint8)
     if data.numel() * 2 < numel:
@@ -57,11 +47,3 @@ def dequantize_4bit_triton(packed: Tensor, absmax: Tensor, code: Tensor, blocksi
     _dequantize_4bit_kernel[grid](data, absmax.float().contiguous(), code.float().contiguous(), out, numel,
                                   blocksize, BLOCK=BLOCK)
     return out.view(shape)
-
-
-def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, ...],
-                    dtype: torch.dtype) -> Tensor:
-    """Triton on CUDA when available, the pure-torch twin otherwise."""
-    if triton is not None and packed.is_cuda:
-        return dequantize_4bit_triton(packed, absmax, code, blocksize, shape, dtype)
-    return dequantize_4bit_blockwise(packed, absmax, code, blocksize, shape, dtype)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qlora_inject.kernels.dequant_4bit import dequantize_blockwise_8bit
-from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit
+from qlora_inject.kernels.dequant_4bit import dequantize_4bit, dequantize_blockwise_8bit
 from qlora_inject.registry import class_is
 
 
