@@ -54,6 +54,25 @@ def test_hf_trainer_with_gradient_checkpointing(tmp_path):
     train_and_check(trainer, model, tmp_path)
 
 
+def test_trainer_checkpoints_hold_a_peft_adapter(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from qlora_inject.integrations import SaveAdapterCallback
+
+    model = LoraModel(load_tiny_llama("nf4"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    arguments = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                                  learning_rate=1e-2, save_strategy="steps", save_steps=2, report_to=[],
+                                  use_cpu=True, remove_unused_columns=False)
+    Trainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows()), data_collator=_causal_collator,
+            callbacks=[SaveAdapterCallback()]).train()
+    for step in (2, 4):
+        assert_peft_adapter(tmp_path / "run" / f"checkpoint-{step}")
+    reloaded = LoraModel.from_pretrained(load_tiny_llama("nf4"), tmp_path / "run" / "checkpoint-4")
+    torch.testing.assert_close(reloaded.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight,
+                               model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
+
+
 def _causal_collator(features: list[dict]) -> dict:
     ids = torch.tensor([f["input_ids"] for f in features])
     return {"input_ids": ids, "labels": ids.clone()}
