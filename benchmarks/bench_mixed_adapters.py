@@ -17,18 +17,9 @@ import torch
 from torch import nn
 
 from qlora_inject import LoraConfig, LoraModel
-from qlora_inject.bench import machine, markdown_table, median_seconds
+from qlora_inject.bench import SingleLayerModel, machine, markdown_table, median_seconds
 from qlora_inject.kernels.lora_batched import lora_gathered, stack_adapters
 from qlora_inject.quantize import quantize_linear
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     base = dense if args.format == "dense" else quantize_linear(dense, args.format)
     names = [f"a{i}" for i in range(args.adapters)]
     config = dict(r=args.r, lora_alpha=2 * args.r, target_modules=["proj"], init_lora_weights=False)
-    model = LoraModel(Holder(base), LoraConfig(**config), names[0]).eval()
+    model = LoraModel(SingleLayerModel(base), LoraConfig(**config), names[0]).eval()
     for name in names[1:]:
         model.add_adapter(name, LoraConfig(**config))
     layer = model.model.proj

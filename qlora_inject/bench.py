@@ -103,7 +103,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-class _Holder(nn.Module):
+class SingleLayerModel(nn.Module):
+    """One layer under the name `proj`, so this library and PEFT can both target it."""
+
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.proj = layer
@@ -150,7 +152,7 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
     results = []
     for fmt in (f for f in workload.formats if _available(f)):
         config = dict(r=workload.r, lora_alpha=2 * workload.r, target_modules=["proj"], init_lora_weights=False)
-        ours = _Holder(build(fmt))
+        ours = SingleLayerModel(build(fmt))
         inject(ours, LoraConfig(**config))
         ours_s = median_seconds(step_of(ours), workload.repeat)
         ours_saved = saved_for_backward_bytes(lambda m=ours: m(x))
@@ -158,7 +160,7 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
         try:
             import peft
 
-            theirs = _Holder(build(fmt))
+            theirs = SingleLayerModel(build(fmt))
             peft.LoraModel(theirs, peft.LoraConfig(**config), "default")
             peft_s = median_seconds(step_of(theirs), workload.repeat)
             peft_saved = saved_for_backward_bytes(lambda m=theirs: m(x))
