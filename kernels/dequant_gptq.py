@@ -12,10 +12,17 @@ in the order [0, 2, 4, 6, 1, 3, 5, 7] of their columns.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor
 
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)   # logical column k of a word sits in nibble AWQ_ORDER.index(k)
+
+
+def _use_triton(packed: Tensor) -> bool:
+    """The Triton twin runs for CUDA tensors when Triton is installed."""
+    return packed.is_cuda and importlib.util.find_spec("triton") is not None
 
 
 def unpack_rows(packed: Tensor, bits: int, rows: int) -> Tensor:
@@ -48,6 +55,10 @@ def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tens
         zero_offset: 1 for checkpoints that store `zero − 1` (auto-gptq's "v1" convention), 0 for
             true zero points ("v2", what GPTQModel's trainable kernels hold in memory).
     """
+    if bits == 4 and _use_triton(qweight):
+        from qlora_inject.kernels.dequant_gptq_triton import dequantize_gptq4_triton
+
+        return dequantize_gptq4_triton(qweight, qzeros, scales, g_idx, in_features, out_features, zero_offset)
     q = unpack_rows(qweight, bits, in_features)                                     # (in, out)
     z = unpack_cols(qzeros, bits, out_features)                                     # (groups, out)
     if zero_offset:
@@ -72,6 +83,10 @@ def dequantize_awq_gemm(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: i
         interleaved: True for the [0, 2, 4, 6, 1, 3, 5, 7] nibble order (AutoAWQ, and GPTQModel at
             4 bits); False for a plain LSB-first stream (GPTQModel at 2, 3 and 8 bits).
     """
+    if bits == 4 and interleaved and _use_triton(qweight):
+        from qlora_inject.kernels.dequant_gptq_triton import dequantize_awq4_triton
+
+        return dequantize_awq4_triton(qweight, qzeros, scales, group_size, out_features)
     if 32 % bits == 0:                                        # codes never straddle words: one pass each
         q = _unpack_words(qweight, bits, out_features, interleaved)                  # (in, out)
         z = _unpack_words(qzeros, bits, out_features, interleaved)                   # (groups, out)

@@ -91,14 +91,59 @@ print("ok")
 
 def test_triton_4bit_dequantize_equals_its_torch_twin_under_the_interpreter():
     import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs bitsandbytes")
+    _run_under_triton_interpreter(TRITON_CHECK)
+
+
+GPTQ_AWQ_TRITON_CHECK = r"""
+import torch
+from qlora_inject.kernels import dequant_gptq as twin
+from qlora_inject.kernels.dequant_gptq_triton import dequantize_awq4_triton, dequantize_gptq4_triton
+
+torch.manual_seed(0)
+for in_features, out_features, group_size in [(64, 32, 16), (96, 40, 32), (128, 64, -1)]:
+    size = in_features if group_size == -1 else group_size
+    groups = -(-in_features // size)
+    for act_order in (False, True):
+        g_idx = torch.arange(in_features, dtype=torch.int32) // size
+        if act_order:
+            g_idx = g_idx[torch.randperm(in_features)]
+        qweight = torch.randint(-2**31, 2**31 - 1, (in_features // 8, out_features), dtype=torch.int32)
+        qzeros = torch.randint(-2**31, 2**31 - 1, (groups, out_features // 8), dtype=torch.int32)
+        for dtype in (torch.float32, torch.float16):
+            scales = torch.rand(groups, out_features).to(dtype)
+            for offset in (0, 1):
+                expected = twin.dequantize_gptq(qweight, qzeros, scales, g_idx, 4, in_features, out_features, offset)
+                kernel = dequantize_gptq4_triton(qweight, qzeros, scales, g_idx, in_features, out_features, offset)
+                assert kernel.dtype == dtype and torch.allclose(kernel.float(), expected.float(), rtol=1e-3), "gptq"
+    qweight = torch.randint(-2**31, 2**31 - 1, (in_features, out_features // 8), dtype=torch.int32)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (groups, out_features // 8), dtype=torch.int32)
+    scales = torch.rand(groups, out_features)
+    expected = twin.dequantize_awq_gemm(qweight, qzeros, scales, 4, size, out_features, interleaved=True)
+    kernel = dequantize_awq4_triton(qweight, qzeros, scales, size, out_features)
+    assert torch.equal(kernel, expected), "awq"
+print("ok")
+"""
+
+
+def _run_under_triton_interpreter(script: str) -> None:
+    import importlib.util
     import os
     import subprocess
     import sys
 
     import pytest
 
-    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("bitsandbytes") is None:
-        pytest.skip("needs triton and bitsandbytes")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton")
     env = dict(os.environ, TRITON_INTERPRET="1")                            # read when triton.jit decorates
-    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, env=env, cwd="/")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_triton_gptq_and_awq_dequantize_equal_their_torch_twins_under_the_interpreter():
+    _run_under_triton_interpreter(GPTQ_AWQ_TRITON_CHECK)
