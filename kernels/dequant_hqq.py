@@ -10,6 +10,7 @@ offloaded meta (`zero_scale`, both stacked) are read too.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -44,6 +45,12 @@ def code_rows(meta: dict) -> int:
 
 def dequantize_hqq(W_q: Tensor, meta: dict) -> Tensor:
     """The dense weight of shape `meta["shape"]`, in `meta["compute_dtype"]` (fp16 if absent)."""
+    if (W_q.is_cuda and meta.get("packing") == "4bit_u8" and not meta.get("quant_zero")
+            and not meta.get("quant_scale") and "zero_scale" not in meta
+            and importlib.util.find_spec("triton") is not None):
+        from qlora_inject.kernels.dequant_hqq_triton import dequantize_hqq4_triton
+
+        return dequantize_hqq4_triton(W_q, meta)
     dtype = meta.get("compute_dtype", torch.float16)
     zero, scale = _zero_and_scale(meta, W_q.device)
     if meta["packing"]:

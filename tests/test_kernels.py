@@ -147,3 +147,33 @@ def _run_under_triton_interpreter(script: str) -> None:
 
 def test_triton_gptq_and_awq_dequantize_equal_their_torch_twins_under_the_interpreter():
     _run_under_triton_interpreter(GPTQ_AWQ_TRITON_CHECK)
+
+
+HQQ_TRITON_CHECK = r"""
+import torch
+from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+from qlora_inject.kernels.dequant_hqq import dequantize_hqq
+from qlora_inject.kernels.dequant_hqq_triton import dequantize_hqq4_triton
+
+torch.manual_seed(0)
+for axis in (0, 1):
+    for group_size in (32, 64):
+        for dtype in (torch.float32, torch.bfloat16):
+            layer = HQQLinear(torch.nn.Linear(128, 48), BaseQuantizeConfig(nbits=4, group_size=group_size, axis=axis),
+                              compute_dtype=dtype, device="cpu")
+            expected = dequantize_hqq(layer.W_q, layer.meta)
+            kernel = dequantize_hqq4_triton(layer.W_q, layer.meta)
+            assert kernel.dtype == dtype and kernel.shape == expected.shape
+            assert torch.allclose(kernel.float(), expected.float(), rtol=1e-2, atol=1e-3), (axis, group_size, dtype)
+print("ok")
+"""
+
+
+def test_triton_hqq_4bit_dequantize_equals_its_torch_twin_under_the_interpreter():
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("hqq") is None:
+        pytest.skip("needs hqq")
+    _run_under_triton_interpreter(HQQ_TRITON_CHECK)
