@@ -1,9 +1,9 @@
 """Question: what does serving a batch whose tokens use 8 different adapters cost, against one adapter?
 
 One quantized layer (default NF4, 4096 → 11008), 16 tokens spread over 8 adapters (r = 16): the
-base plus (a) the per-adapter loop `LoraLinear` runs for mixed batches, (b) one gathered
-shrink/expand over stacked adapters, against (c) the same 16 tokens through one adapter. Forward
-only, as in serving; medians from one run.
+base plus (a) `LoraModel(..., adapter_names=...)` (which takes the gathered path for plain LoRA
+adapters), (b) a loop with one pair of matmuls per adapter, (c) the gathered shrink/expand alone,
+against the same 16 tokens through one adapter. Forward only, as in serving; medians from one run.
 
     python benchmarks/bench_mixed_adapters.py [--format nf4] [--tokens 16] [--adapters 8]
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 from qlora_inject import LoraConfig, LoraModel
 from qlora_inject.bench import SingleLayerModel, machine, markdown_table, median_seconds
-from qlora_inject.kernels.lora_batched import lora_gathered, stack_adapters
+from qlora_inject.kernels.lora_batched import lora_gathered, lora_looped, stack_adapters
 from qlora_inject.quantize import quantize_linear
 
 
@@ -50,8 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     scaling = torch.tensor([layer.scaling[n] for n in names])
     index = torch.tensor([t % args.adapters for t in range(args.tokens)])
 
-    def looped() -> None:
+    def mixed() -> None:
         model(x, adapter_names=per_token)
+
+    def looped() -> None:
+        flat = x.reshape(-1, args.in_features)
+        layer.backend.forward(layer.base_layer, flat) + lora_looped(flat, A, B, scaling, index)
 
     def gathered() -> None:
         flat = x.reshape(-1, args.in_features)
@@ -66,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         check = layer.backend.forward(layer.base_layer, flat) + lora_gathered(flat, A, B, scaling, index)
         torch.testing.assert_close(check, reference, atol=1e-4, rtol=1e-4)
         times = {name: median_seconds(step, args.repeat) for name, step in
-                 (("one adapter", single), ("per-adapter loop", looped), ("gathered shrink/expand", gathered))}
+                 (("one adapter", single), ("LoraModel mixed batch", mixed), ("per-adapter loop", looped),
+                  ("gathered shrink/expand", gathered))}
     base_time = times["one adapter"]
     rows = [[name, f"{seconds * 1e3:.2f}", f"{seconds / base_time:.2f}"] for name, seconds in times.items()]
     text = "\n".join([

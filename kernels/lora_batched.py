@@ -47,3 +47,14 @@ def lora_looped(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor)
         rows = (index == adapter).nonzero().squeeze(1)
         delta[rows] = scaling[adapter] * (x[rows] @ A[adapter].t() @ B[adapter].t())
     return delta
+
+
+def lora_gathered_any(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
+    """The Triton shrink/expand for CUDA tensors outside autograd (serving), this twin otherwise."""
+    import importlib.util
+
+    if x.is_cuda and not torch.is_grad_enabled() and importlib.util.find_spec("triton") is not None:
+        from qlora_inject.kernels.lora_batched_triton import lora_gathered_triton
+
+        return lora_gathered_triton(x, A, B, scaling, index)
+    return lora_gathered(x, A, B, scaling, index)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlora_inject import dora, init_schemes
+from qlora_inject.kernels.lora_batched import lora_gathered_any, stack_adapters
 from qlora_inject.registry import Backend, find_backend
 
 BASE_ADAPTER = "__base__"                                                     # "no adapter" in a mixed batch
@@ -196,12 +197,32 @@ class LoraLinear(nn.Module):
                              "give one adapter name per sample")
         if self.merged_adapters:
             raise ValueError(f"cannot run a mixed batch while {self.merged_adapters} are merged; unmerge first")
+        present = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER and n in self.lora_A]
+        dtypes = {self.lora_compute_dtype[n] or x.dtype for n in present}
+        if len(present) > 1 and len(dtypes) == 1 and not any(n in self.lora_magnitude_vector for n in present):
+            return self._add_lora_gathered(result, x, names, present, dtypes.pop())
         for name in dict.fromkeys(names):
             if name == BASE_ADAPTER or name not in self.lora_A:
                 continue
             rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
             result = result.index_copy(0, rows, self._add_lora(result[rows], x[rows], name))
         return result
+
+    def _add_lora_gathered(self, result: Tensor, x: Tensor, names: list[str], present: list[str],
+                           dtype: torch.dtype) -> Tensor:
+        """Plain-LoRA mixed batch in one gathered shrink/expand over the stacked adapters."""
+        A, B = stack_adapters([(self.lora_A[n].weight.to(dtype), self.lora_B[n].weight.to(dtype)) for n in present])
+        scaling = torch.tensor([self.scaling[n] for n in present], device=x.device, dtype=dtype)
+        position = {n: i for i, n in enumerate(present)}
+        per_sample = torch.tensor([position.get(n, -1) for n in names], device=x.device)
+        tokens_per_sample = x[0].numel() // self.in_features
+        index = per_sample.repeat_interleave(tokens_per_sample)                     # (tokens,)
+        if any(not isinstance(self.lora_dropout[n], nn.Identity) for n in present) and self.training:
+            x = torch.cat([self.lora_dropout[n](x[i:i + 1]) if n in position else x[i:i + 1]
+                           for i, n in enumerate(names)])
+        flat = x.to(dtype).reshape(-1, self.in_features)
+        delta = lora_gathered_any(flat, A, B, scaling, index)                      # (tokens, out)
+        return result + delta.view(result.shape).to(result.dtype)
 
     def _add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         dtype = self.lora_compute_dtype[name] or x.dtype

@@ -177,3 +177,25 @@ def test_triton_hqq_4bit_dequantize_equals_its_torch_twin_under_the_interpreter(
     if importlib.util.find_spec("hqq") is None:
         pytest.skip("needs hqq")
     _run_under_triton_interpreter(HQQ_TRITON_CHECK)
+
+
+LORA_TRITON_CHECK = r"""
+import torch
+from qlora_inject.kernels.lora_batched import lora_gathered, stack_adapters
+from qlora_inject.kernels.lora_batched_triton import lora_gathered_triton
+
+torch.manual_seed(0)
+A, B = stack_adapters([(torch.randn(r, 100), torch.randn(70, r)) for r in (3, 16, 20)])
+scaling = torch.tensor([0.5, 2.0, 1.0])
+x = torch.randn(11, 100)
+index = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2, 0, 1])
+expected = lora_gathered(x, A, B, scaling, index)
+kernel = lora_gathered_triton(x, A, B, scaling, index)
+assert torch.allclose(kernel, expected, rtol=1e-4, atol=1e-4), (kernel - expected).abs().max()
+assert torch.equal(kernel[2], torch.zeros(70)) and torch.equal(kernel[6], torch.zeros(70))
+print("ok")
+"""
+
+
+def test_triton_mixed_adapter_shrink_expand_equals_its_torch_twin_under_the_interpreter():
+    _run_under_triton_interpreter(LORA_TRITON_CHECK)

@@ -80,11 +80,12 @@ def _requantized_classes(fmt: str) -> tuple[type, ...]:
     return ()
 
 
+@pytest.mark.parametrize("other_is_dora", [False, True], ids=["gathered", "looped-dora"])
 @pytest.mark.parametrize("fmt", PARAMS)
-def test_mixed_batch_gives_each_sample_its_own_adapter(fmt):
+def test_mixed_batch_gives_each_sample_its_own_adapter(fmt, other_is_dora):
     model = adapted(fmt)
     model.add_adapter("other", LoraConfig(r=2, lora_alpha=8, target_modules=["proj"], init_lora_weights=False,
-                                          use_dora=True))
+                                          use_dora=other_is_dora))
     x = torch.randn(5, 3, IN_FEATURES)
     names = ["default", "__base__", "other", "default", "other"]
     with torch.no_grad():
@@ -126,3 +127,22 @@ def test_dense_export_of_a_4bit_llama_matches_the_adapted_logits():
         assert not any(type(m).__name__ in ("Linear4bit", "LoraLinear", "ModulesToSaveWrapper")
                        for m in dense.modules())
         torch.testing.assert_close(dense(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_batch_trains_each_adapter_on_its_own_samples():
+    model = adapted("dense")
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=8, target_modules=["proj"], init_lora_weights=False))
+    model.set_adapter(["default", "other"])                                   # both trainable
+    layer = model.model.proj
+    x = torch.randn(4, 3, IN_FEATURES)
+    names = ["other", "default", "__base__", "other"]
+    model(x, adapter_names=names).square().sum().backward()
+    mixed = {n: layer.lora_A[n].weight.grad.clone() for n in ("default", "other")}
+    model.zero_grad()
+    for i, name in enumerate(names):
+        if name == "__base__":
+            continue
+        model.set_adapter(name)
+        model(x[i:i + 1]).square().sum().backward()
+    for name in ("default", "other"):
+        torch.testing.assert_close(mixed[name], layer.lora_A[name].weight.grad, atol=1e-4, rtol=1e-4)
