@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from qlora_inject.bench import saved_for_backward_bytes
 from qlora_inject.kernels.dequant_matmul import dequantized_linear
+
+from conftest import requires_cuda
 
 
 def test_gradients_equal_a_plain_linear_and_no_weight_is_saved():
@@ -60,7 +63,9 @@ def test_gathered_multi_adapter_update_equals_the_loop_and_the_math():
 
 
 TRITON_CHECK = r"""
+import os
 import torch
+D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
 from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise, dequantize_blockwise_8bit
 from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit_triton
 import bitsandbytes.functional as F
@@ -78,7 +83,8 @@ for shape in [(64, 128), (40, 96), (7, 200)]:
                     absmax = dequantize_blockwise_8bit(absmax, state.state2.code, state.state2.absmax,
                                                        state.state2.blocksize) + state.offset
                 twin = dequantize_4bit_blockwise(packed, absmax, state.code, 64, tuple(state.shape), dtype)
-                kernel = dequantize_4bit_triton(packed, absmax, state.code, 64, tuple(state.shape), dtype)
+                kernel = dequantize_4bit_triton(packed.to(D), absmax.to(D), state.code.to(D), 64,
+                                                tuple(state.shape), dtype).cpu()
                 assert kernel.dtype == dtype, dtype
                 if dtype == torch.float32:
                     assert torch.equal(kernel, twin), (shape, quant_type, nested)
@@ -92,15 +98,16 @@ print("ok")
 def test_triton_4bit_dequantize_equals_its_torch_twin_under_the_interpreter():
     import importlib.util
 
-    import pytest
 
     if importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("needs bitsandbytes")
-    _run_under_triton_interpreter(TRITON_CHECK)
+    _run_kernel_check(TRITON_CHECK)
 
 
 GPTQ_AWQ_TRITON_CHECK = r"""
+import os
 import torch
+D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
 from qlora_inject.kernels import dequant_gptq as twin
 from qlora_inject.kernels.dequant_gptq_triton import dequantize_awq4_triton, dequantize_gptq4_triton
 
@@ -118,39 +125,44 @@ for in_features, out_features, group_size in [(64, 32, 16), (96, 40, 32), (128, 
             scales = torch.rand(groups, out_features).to(dtype)
             for offset in (0, 1):
                 expected = twin.dequantize_gptq(qweight, qzeros, scales, g_idx, 4, in_features, out_features, offset)
-                kernel = dequantize_gptq4_triton(qweight, qzeros, scales, g_idx, in_features, out_features, offset)
+                kernel = dequantize_gptq4_triton(qweight.to(D), qzeros.to(D), scales.to(D), g_idx.to(D),
+                                                 in_features, out_features, offset).cpu()
                 assert kernel.dtype == dtype and torch.allclose(kernel.float(), expected.float(), rtol=1e-3), "gptq"
     qweight = torch.randint(-2**31, 2**31 - 1, (in_features, out_features // 8), dtype=torch.int32)
     qzeros = torch.randint(-2**31, 2**31 - 1, (groups, out_features // 8), dtype=torch.int32)
     scales = torch.rand(groups, out_features)
     expected = twin.dequantize_awq_gemm(qweight, qzeros, scales, 4, size, out_features, interleaved=True)
-    kernel = dequantize_awq4_triton(qweight, qzeros, scales, size, out_features)
+    kernel = dequantize_awq4_triton(qweight.to(D), qzeros.to(D), scales.to(D), size, out_features).cpu()
     assert torch.equal(kernel, expected), "awq"
 print("ok")
 """
 
 
-def _run_under_triton_interpreter(script: str) -> None:
+def _run_kernel_check(script: str, device: str = "cpu") -> None:
+    """Run a kernel check in a fresh process: on the CPU under Triton's interpreter, or compiled on CUDA."""
     import importlib.util
     import os
     import subprocess
     import sys
 
-    import pytest
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("needs triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")                            # read when triton.jit decorates
+    env = dict(os.environ, QLORA_INJECT_KERNEL_DEVICE=device)
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"                                       # read when triton.jit decorates
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/")
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
 def test_triton_gptq_and_awq_dequantize_equal_their_torch_twins_under_the_interpreter():
-    _run_under_triton_interpreter(GPTQ_AWQ_TRITON_CHECK)
+    _run_kernel_check(GPTQ_AWQ_TRITON_CHECK)
 
 
 HQQ_TRITON_CHECK = r"""
+import os
 import torch
+D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from qlora_inject.kernels.dequant_hqq import dequantize_hqq
 from qlora_inject.kernels.dequant_hqq_triton import dequantize_hqq4_triton
@@ -162,7 +174,8 @@ for axis in (0, 1):
             layer = HQQLinear(torch.nn.Linear(128, 48), BaseQuantizeConfig(nbits=4, group_size=group_size, axis=axis),
                               compute_dtype=dtype, device="cpu")
             expected = dequantize_hqq(layer.W_q, layer.meta)
-            kernel = dequantize_hqq4_triton(layer.W_q, layer.meta)
+            meta = {k: v.to(D) if torch.is_tensor(v) else v for k, v in layer.meta.items()}
+            kernel = dequantize_hqq4_triton(layer.W_q.to(D), meta).cpu()
             assert kernel.dtype == dtype and kernel.shape == expected.shape
             assert torch.allclose(kernel.float(), expected.float(), rtol=1e-2, atol=1e-3), (axis, group_size, dtype)
 print("ok")
@@ -172,15 +185,16 @@ print("ok")
 def test_triton_hqq_4bit_dequantize_equals_its_torch_twin_under_the_interpreter():
     import importlib.util
 
-    import pytest
 
     if importlib.util.find_spec("hqq") is None:
         pytest.skip("needs hqq")
-    _run_under_triton_interpreter(HQQ_TRITON_CHECK)
+    _run_kernel_check(HQQ_TRITON_CHECK)
 
 
 LORA_TRITON_CHECK = r"""
+import os
 import torch
+D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
 from qlora_inject.kernels.lora_batched import lora_gathered, stack_adapters
 from qlora_inject.kernels.lora_batched_triton import lora_gathered_triton
 
@@ -190,7 +204,7 @@ scaling = torch.tensor([0.5, 2.0, 1.0])
 x = torch.randn(11, 100)
 index = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2, 0, 1])
 expected = lora_gathered(x, A, B, scaling, index)
-kernel = lora_gathered_triton(x, A, B, scaling, index)
+kernel = lora_gathered_triton(x.to(D), A.to(D), B.to(D), scaling.to(D), index.to(D)).cpu()
 assert torch.allclose(kernel, expected, rtol=1e-4, atol=1e-4), (kernel - expected).abs().max()
 assert torch.equal(kernel[2], torch.zeros(70)) and torch.equal(kernel[6], torch.zeros(70))
 print("ok")
@@ -198,4 +212,16 @@ print("ok")
 
 
 def test_triton_mixed_adapter_shrink_expand_equals_its_torch_twin_under_the_interpreter():
-    _run_under_triton_interpreter(LORA_TRITON_CHECK)
+    _run_kernel_check(LORA_TRITON_CHECK)
+
+
+@requires_cuda
+@pytest.mark.parametrize("script", ["TRITON_CHECK", "GPTQ_AWQ_TRITON_CHECK", "HQQ_TRITON_CHECK", "LORA_TRITON_CHECK"])
+def test_compiled_triton_kernels_equal_their_torch_twins_on_cuda(script):
+    import importlib.util
+
+    if script == "TRITON_CHECK" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs bitsandbytes")
+    if script == "HQQ_TRITON_CHECK" and importlib.util.find_spec("hqq") is None:
+        pytest.skip("needs hqq")
+    _run_kernel_check(globals()[script], device="cuda")
