@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from qlora_inject.bench import QUICK, LayerWorkload, layer_report, plot_layer, run_layer_benchmark
+from qlora_inject.bench import QUICK, LayerWorkload, layer_report, run_layer_benchmark, save_layer_results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,9 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     text = layer_report(workload, results)
     print(text)
     if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "layer.md").write_text(text + "\n")
-        plot_layer(results, args.output / "layer.png")
+        save_layer_results(text, results, args.output)
 
 
 if __name__ == "__main__":

@@ -215,3 +215,10 @@ def plot_layer(results: list[LayerResult], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def save_layer_results(text: str, results: list[LayerResult], directory: Path) -> None:
+    """Write the report as `layer.md` and its plot as `layer.png` into `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "layer.md").write_text(text + "\n")
+    plot_layer(results, directory / "layer.png")

@@ -138,7 +138,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from qlora_inject.bench import QUICK, LayerWorkload, layer_report, plot_layer, run_layer_benchmark
+    from qlora_inject.bench import QUICK, LayerWorkload, layer_report, run_layer_benchmark, save_layer_results
 
     workload = LayerWorkload() if args.full else QUICK
     if args.formats:
@@ -146,9 +146,7 @@ def run_bench(args: argparse.Namespace) -> int:
     results = run_layer_benchmark(workload)
     text = layer_report(workload, results)
     print(text)
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "layer.md").write_text(text + "\n")
-    plot_layer(results, args.output / "layer.png")
+    save_layer_results(text, results, args.output)
     print(f"\nwritten: {args.output / 'layer.md'}, {args.output / 'layer.png'}")
     return 0
 

@@ -284,16 +284,12 @@ class LoraLinear(nn.Module):
 
     def merged_dense(self, adapter_names: list[str], dtype: torch.dtype) -> nn.Linear:
         """A plain `nn.Linear` holding dequantize(base) + Σ s·B A for `adapter_names`, in `dtype`."""
+        from qlora_inject.quantize import linear_from
+
         base = self.unmerged_base or self.base_layer
         with torch.no_grad():
             weight = self._merged_weight(base, [n for n in adapter_names if n in self.lora_A])
-            bias = getattr(base, "bias", None)
-            linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device,
-                               dtype=dtype)
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        return linear.requires_grad_(False)
+        return linear_from(weight, getattr(base, "bias", None), dtype, weight.device).requires_grad_(False)
 
     def _merged_weight(self, base: nn.Module, names: list[str]) -> Tensor:
         """dequantize(base) with the adapters `names` folded in (DoRA ones rescaled per row), fp32."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from qlora_inject.lora import LoraLinear, MergeResult
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
+from qlora_inject.quantize import linear_from
 from qlora_inject.registry import find_backend
 from qlora_inject.targeting import iter_modules, replace_module
 
@@ -82,13 +83,7 @@ def _forget_quantization(model: nn.Module) -> None:
 
 
 def _dense_copy(module: nn.Module, backend, dtype: torch.dtype | None) -> nn.Linear:
-    in_features, out_features = backend.features(module)
     with torch.no_grad():
         weight = backend.dequantize(module)
-        bias = getattr(module, "bias", None)
-        target = dtype or backend.compute_dtype(module) or weight.dtype
-        linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=target)
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear.requires_grad_(False)
+    target = dtype or backend.compute_dtype(module) or weight.dtype
+    return linear_from(weight, getattr(module, "bias", None), target, weight.device).requires_grad_(False)

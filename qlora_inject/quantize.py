@@ -150,14 +150,15 @@ def requantize_like_awq(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     return awq_linear(source, bits=bits, group_size=module.group_size).to(module.qweight.device)
 
 
-def linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """A CPU fp32 `nn.Linear` holding copies of `weight` (out, in) and `bias`."""
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> nn.Linear:
+    """An `nn.Linear` holding copies of `weight` (out, in) and `bias`, in `dtype` on `device` (default CPU fp32)."""
     out_features, in_features = weight.shape
-    linear = nn.Linear(in_features, out_features, bias=bias is not None)
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, dtype=dtype, device=device)
     with torch.no_grad():
-        linear.weight.copy_(weight.float().cpu())
+        linear.weight.copy_(weight)
         if bias is not None:
-            linear.bias.copy_(bias.float().cpu())
+            linear.bias.copy_(bias)
     return linear
 
 
