@@ -14,6 +14,8 @@ import math
 import torch
 from torch import Tensor
 
+from qlora_inject.kernels import dequant_cpu
+
 
 def dequantize_blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int) -> Tensor:
     """Dequantize 8-bit blockwise codes: `code[codes[i]] * absmax[i // blocksize]`, fp32."""
@@ -55,12 +57,22 @@ def dequantize_4bit_blockwise(
 
 
 def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, ...],
-                    dtype: torch.dtype) -> Tensor:
-    """The Triton kernel for CUDA tensors when Triton is installed, this pure-torch twin otherwise."""
+                    dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """The Triton kernel for CUDA tensors, the numba kernel on CPU, the pure-torch twin otherwise.
+
+    Args:
+        out: Optional 1-D scratch (e.g. `kernels.workspace.scratch`) the result may be written into;
+            the returned tensor is then a view of it, in `out`'s dtype (holding `dtype`'s values).
+    """
     if packed.is_cuda and importlib.util.find_spec("triton") is not None:
         from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit_triton
 
-        return dequantize_4bit_triton(packed, absmax, code, blocksize, shape, dtype)
+        return dequantize_4bit_triton(packed, absmax, code, blocksize, shape, dtype, out=out)
+    if packed.device.type == "cpu" and dequant_cpu.available():
+        numel = math.prod(shape)
+        data = packed.contiguous().view(-1).view(torch.uint8)
+        if data.numel() * 2 >= numel and absmax.numel() * blocksize >= numel:
+            return dequant_cpu.blockwise_4bit(data, absmax, code, blocksize, numel, dtype, out).view(shape)
     return dequantize_4bit_blockwise(packed, absmax, code, blocksize, shape, dtype)
 
 

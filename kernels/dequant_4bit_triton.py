@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qlora_inject.kernels.workspace import scratch_or_new
+
 BLOCK = 1024
 
 
@@ -31,8 +33,8 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, bl
 
 
 def dequantize_4bit_triton(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
-                           shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Triton twin of `dequantize_4bit_blockwise`; same arguments, same result."""
+                           shape: tuple[int, ...], dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """Triton twin of `dequantize_4bit_blockwise`; same arguments, same result (written into `out` if given)."""
     numel = math.prod(shape)
     data = packed.contiguous().view(-1).view(torch.uint8)
     if data.numel() * 2 < numel:
@@ -42,7 +44,7 @@ def dequantize_4bit_triton(packed: Tensor, absmax: Tensor, code: Tensor, blocksi
     if not (data.device == absmax.device == code.device):
         raise ValueError(f"packed, absmax and code must share a device; got {data.device}, {absmax.device}, "
                          f"{code.device}")
-    out = torch.empty(numel, dtype=dtype, device=data.device)
+    out = scratch_or_new(out, numel, dtype, data.device)
     grid = (triton.cdiv(numel, BLOCK),)
     _dequantize_4bit_kernel[grid](data, absmax.float().contiguous(), code.float().contiguous(), out, numel,
                                   blocksize, BLOCK=BLOCK)

@@ -17,12 +17,30 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from qlora_inject.kernels import dequant_cpu
+
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)   # logical column k of a word sits in nibble AWQ_ORDER.index(k)
 
 
 def _use_triton(packed: Tensor) -> bool:
     """The Triton twin runs for CUDA tensors when Triton is installed."""
     return packed.is_cuda and importlib.util.find_spec("triton") is not None
+
+
+def _use_numba(packed: Tensor, bits: int) -> bool:
+    """The numba kernels run for CPU tensors at 2, 4 and 8 bits (codes that never straddle words)."""
+    return packed.device.type == "cpu" and bits in (2, 4, 8) and dequant_cpu.available()
+
+
+def _gptq_zeros(qzeros: Tensor, bits: int, out_features: int, zero_offset: int) -> Tensor:
+    """GPTQ zero points, unpacked along out_features → int32 (groups, out)."""
+    z = unpack_cols(qzeros, bits, out_features)
+    return (z + zero_offset) & ((1 << bits) - 1) if zero_offset else z
+
+
+def _word_positions(bits: int, interleaved: bool) -> tuple[int, ...]:
+    """Where logical column j of a packed word sits (in units of `bits`)."""
+    return AWQ_REVERSE_ORDER if interleaved else tuple(range(32 // bits))
 
 
 def unpack_rows(packed: Tensor, bits: int, rows: int) -> Tensor:
@@ -48,21 +66,31 @@ def unpack_cols(packed: Tensor, bits: int, cols: int) -> Tensor:
 
 
 def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
-                    in_features: int, out_features: int, zero_offset: int = 0) -> Tensor:
-    """The dense (out, in) weight of a GPTQ layer, in `scales.dtype`.
+                    in_features: int, out_features: int, zero_offset: int = 0, out: Tensor | None = None) -> Tensor:
+    """The dense (out, in) weight of a GPTQ layer, in `scales.dtype`: Triton on CUDA (4-bit), numba
+    on CPU (2, 4, 8 bits), else the torch twin `dequantize_gptq_torch`.
 
     Args:
         zero_offset: 1 for checkpoints that store `zero − 1` (auto-gptq's "v1" convention), 0 for
             true zero points ("v2", what GPTQModel's trainable kernels hold in memory).
+        out: Optional 1-D scratch the result may be written into (the result is then a view of it, in
+            `out`'s dtype when that is fp32, holding the values of `scales.dtype`).
     """
     if bits == 4 and _use_triton(qweight):
         from qlora_inject.kernels.dequant_gptq_triton import dequantize_gptq4_triton
 
-        return dequantize_gptq4_triton(qweight, qzeros, scales, g_idx, in_features, out_features, zero_offset)
+        return dequantize_gptq4_triton(qweight, qzeros, scales, g_idx, in_features, out_features, zero_offset, out=out)
+    if _use_numba(qweight, bits) and qweight.shape[1] == out_features:
+        zeros = _gptq_zeros(qzeros, bits, out_features, zero_offset)
+        return dequant_cpu.gptq(qweight, zeros, scales, g_idx, bits, in_features, out).t()
+    return dequantize_gptq_torch(qweight, qzeros, scales, g_idx, bits, in_features, out_features, zero_offset)
+
+
+def dequantize_gptq_torch(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
+                          in_features: int, out_features: int, zero_offset: int = 0) -> Tensor:
+    """Pure-torch twin of `dequantize_gptq`: the reference the kernels are checked against."""
     q = unpack_rows(qweight, bits, in_features)                                     # (in, out)
-    z = unpack_cols(qzeros, bits, out_features)                                     # (groups, out)
-    if zero_offset:
-        z = (z + zero_offset) & ((1 << bits) - 1)
+    z = _gptq_zeros(qzeros, bits, out_features, zero_offset)                        # (groups, out)
     count = z.shape[0]
     size = -(-in_features // count)
     in_order = torch.arange(in_features, device=g_idx.device) // size
@@ -76,17 +104,30 @@ def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tens
 
 
 def dequantize_awq_gemm(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group_size: int,
-                        out_features: int, interleaved: bool) -> Tensor:
-    """The dense (out, in) weight of an AWQ GEMM-layout layer, in `scales.dtype`.
+                        out_features: int, interleaved: bool, out: Tensor | None = None) -> Tensor:
+    """The dense (out, in) weight of an AWQ GEMM-layout layer, in `scales.dtype`: Triton on CUDA
+    (4-bit interleaved), numba on CPU (2, 4, 8 bits), else the torch twin `dequantize_awq_gemm_torch`.
 
     Args:
         interleaved: True for the [0, 2, 4, 6, 1, 3, 5, 7] nibble order (AutoAWQ, and GPTQModel at
             4 bits); False for a plain LSB-first stream (GPTQModel at 2, 3 and 8 bits).
+        out: Optional 1-D scratch the result may be written into (the result is then a view of it, in
+            `out`'s dtype when that is fp32, holding the values of `scales.dtype`).
     """
     if bits == 4 and interleaved and _use_triton(qweight):
         from qlora_inject.kernels.dequant_gptq_triton import dequantize_awq4_triton
 
-        return dequantize_awq4_triton(qweight, qzeros, scales, group_size, out_features)
+        return dequantize_awq4_triton(qweight, qzeros, scales, group_size, out_features, out=out)
+    if _use_numba(qweight, bits) and qweight.shape[1] * (32 // bits) >= out_features:
+        zeros = _unpack_words(qzeros, bits, out_features, interleaved)
+        return dequant_cpu.awq(qweight, zeros, scales, group_size, _word_positions(bits, interleaved), bits,
+                               out_features, out).t()
+    return dequantize_awq_gemm_torch(qweight, qzeros, scales, bits, group_size, out_features, interleaved)
+
+
+def dequantize_awq_gemm_torch(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: int, group_size: int,
+                              out_features: int, interleaved: bool) -> Tensor:
+    """Pure-torch twin of `dequantize_awq_gemm`: the reference the kernels are checked against."""
     if 32 % bits == 0:                                        # codes never straddle words: one pass each
         q = _unpack_words(qweight, bits, out_features, interleaved)                  # (in, out)
         z = _unpack_words(qzeros, bits, out_features, interleaved)                   # (groups, out)
@@ -104,11 +145,7 @@ def dequantize_awq_gemm(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: i
 
 def _unpack_words(packed: Tensor, bits: int, count: int, interleaved: bool) -> Tensor:
     """Codes packed along dim 1, `32 / bits` per int32 word → (rows, count) int32."""
-    per_word = 32 // bits
-    if interleaved:                                           # logical column j of a word sits in nibble REVERSE[j]
-        positions = torch.tensor(AWQ_REVERSE_ORDER, device=packed.device, dtype=torch.int32)
-    else:
-        positions = torch.arange(per_word, device=packed.device, dtype=torch.int32)
+    positions = torch.tensor(_word_positions(bits, interleaved), device=packed.device, dtype=torch.int32)
     codes = (packed[:, :, None] >> (positions * bits)) & ((1 << bits) - 1)         # (rows, words, per_word)
     return codes.reshape(packed.shape[0], -1)[:, :count]
 

@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qlora_inject.kernels.workspace import scratch_or_new
+
 BLOCK_OUT = 32
 BLOCK_IN = 32
 
@@ -60,11 +62,11 @@ def _check(name: str, tensors: dict[str, Tensor], out_features: int) -> None:
 
 
 def dequantize_gptq4_triton(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, in_features: int,
-                            out_features: int, zero_offset: int = 0) -> Tensor:
+                            out_features: int, zero_offset: int = 0, out: Tensor | None = None) -> Tensor:
     """Triton twin of `dequantize_gptq(..., bits=4, ...)`: the dense (out, in) weight in `scales.dtype`."""
     _check("dequantize_gptq4_triton", {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx},
            out_features)
-    out = torch.empty(out_features, in_features, dtype=scales.dtype, device=qweight.device)
+    out = scratch_or_new(out, out_features * in_features, scales.dtype, qweight.device).view(out_features, in_features)
     grid = (triton.cdiv(out_features, BLOCK_OUT), triton.cdiv(in_features, BLOCK_IN))
     _dequantize_gptq4_kernel[grid](qweight.contiguous(), qzeros.contiguous(), scales.contiguous(),
                                    g_idx.to(torch.int32).contiguous(), out, in_features, out_features, zero_offset,
@@ -73,11 +75,11 @@ def dequantize_gptq4_triton(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_i
 
 
 def dequantize_awq4_triton(qweight: Tensor, qzeros: Tensor, scales: Tensor, group_size: int,
-                           out_features: int) -> Tensor:
+                           out_features: int, out: Tensor | None = None) -> Tensor:
     """Triton twin of `dequantize_awq_gemm(..., bits=4, interleaved=True)`: (out, in) in `scales.dtype`."""
     _check("dequantize_awq4_triton", {"qweight": qweight, "qzeros": qzeros, "scales": scales}, out_features)
     in_features = qweight.shape[0]
-    out = torch.empty(out_features, in_features, dtype=scales.dtype, device=qweight.device)
+    out = scratch_or_new(out, out_features * in_features, scales.dtype, qweight.device).view(out_features, in_features)
     grid = (triton.cdiv(out_features, BLOCK_OUT), triton.cdiv(in_features, BLOCK_IN))
     _dequantize_awq4_kernel[grid](qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), out, in_features,
                                   out_features, group_size, BLOCK_OUT=BLOCK_OUT, BLOCK_IN=BLOCK_IN)

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from qlora_inject.kernels import dequant_cpu
+
 # packing name → (bits per code, codes per storage word)
 PACKINGS = {
     "8bit_u8": (8, 1),
@@ -43,14 +45,28 @@ def code_rows(meta: dict) -> int:
     return meta["group_size"] if meta["axis"] == 0 else numel // meta["group_size"]
 
 
-def dequantize_hqq(W_q: Tensor, meta: dict) -> Tensor:
-    """The dense weight of shape `meta["shape"]`, in `meta["compute_dtype"]` (fp16 if absent)."""
-    if (W_q.is_cuda and meta.get("packing") == "4bit_u8" and not meta.get("quant_zero")
-            and not meta.get("quant_scale") and "zero_scale" not in meta
-            and importlib.util.find_spec("triton") is not None):
+def dequantize_hqq(W_q: Tensor, meta: dict, out: Tensor | None = None) -> Tensor:
+    """The dense weight of shape `meta["shape"]`, in `meta["compute_dtype"]` (fp16 if absent).
+
+    The 4-bit packing with plain zero/scale runs as a Triton kernel on CUDA and, in fp32, as a numba
+    kernel on CPU; everything else as the torch twin `dequantize_hqq_torch`. `out` is an optional
+    1-D scratch the result may be written into (the result is then a view of it).
+    """
+    plain_4bit = (meta.get("packing") == "4bit_u8" and not meta.get("quant_zero") and not meta.get("quant_scale")
+                  and "zero_scale" not in meta)
+    if plain_4bit and W_q.is_cuda and importlib.util.find_spec("triton") is not None:
         from qlora_inject.kernels.dequant_hqq_triton import dequantize_hqq4_triton
 
-        return dequantize_hqq4_triton(W_q, meta)
+        return dequantize_hqq4_triton(W_q, meta, out=out)
+    if (plain_4bit and W_q.device.type == "cpu" and meta.get("compute_dtype") == torch.float32
+            and meta["zero"].dtype == meta["scale"].dtype == torch.float32 and dequant_cpu.available()):
+        packed = W_q.view(torch.uint8) if meta.get("view_as_float") else W_q
+        return dequant_cpu.hqq_4bit(packed, meta["zero"], meta["scale"], code_rows(meta), out).view(meta["shape"])
+    return dequantize_hqq_torch(W_q, meta)
+
+
+def dequantize_hqq_torch(W_q: Tensor, meta: dict) -> Tensor:
+    """Pure-torch twin of `dequantize_hqq` (every packing and meta form): the kernels' reference."""
     dtype = meta.get("compute_dtype", torch.float16)
     zero, scale = _zero_and_scale(meta, W_q.device)
     if meta["packing"]:

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qlora_inject.kernels.workspace import scratch_or_new
+
 BLOCK = 1024
 
 
@@ -30,7 +32,7 @@ def _dequantize_hqq4_kernel(packed_ptr, zero_ptr, scale_ptr, out_ptr, rows, cols
     tl.store(out_ptr + offsets, ((code.to(tl.float32) - zero) * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_hqq4_triton(W_q: Tensor, meta: dict) -> Tensor:
+def dequantize_hqq4_triton(W_q: Tensor, meta: dict, out: Tensor | None = None) -> Tensor:
     """Triton twin of `dequantize_hqq` for the "4bit_u8" packing with plain zero/scale tensors."""
     if meta.get("packing") != "4bit_u8" or meta.get("quant_zero") or meta.get("quant_scale") or "zero_scale" in meta:
         raise ValueError("dequantize_hqq4_triton reads the 4bit_u8 packing with plain zero/scale only; "
@@ -38,7 +40,7 @@ def dequantize_hqq4_triton(W_q: Tensor, meta: dict) -> Tensor:
     packed = W_q.view(torch.uint8) if meta.get("view_as_float") else W_q
     rows, cols = packed.shape[0] * 2, packed.shape[1]
     dtype = meta.get("compute_dtype", torch.float16)
-    out = torch.empty(rows * cols, dtype=dtype, device=packed.device)
+    out = scratch_or_new(out, rows * cols, dtype, packed.device)
     grid = (triton.cdiv(rows * cols, BLOCK),)
     _dequantize_hqq4_kernel[grid](packed.contiguous(), meta["zero"].contiguous().view(-1),
                                   meta["scale"].contiguous().view(-1), out, rows, cols, meta["axis"] == 1,

@@ -56,13 +56,13 @@ class AwqBackend:
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
         return None                                      # the base computes in the input's dtype; so do adapters
 
-    def dequantize(self, module: nn.Module) -> Tensor:
+    def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         bits = _bits(module)
         if _is_gemv(module):
             return dequantize_awq_gemv(module.qweight, module.qzeros, module.scales, bits, module.group_size,
                                        module.in_features)
         return dequantize_awq_gemm(module.qweight, module.qzeros, module.scales, bits, module.group_size,
-                                   module.out_features, interleaved=bits == 4)
+                                   module.out_features, interleaved=bits == 4, out=out)
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return dequantized_linear(x, lambda: self.dequantize(module), getattr(module, "bias", None))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from qlora_inject.kernels import dequant_cpu
 from qlora_inject.kernels.dequant_4bit import dequantize_4bit, dequantize_blockwise_8bit
 from qlora_inject.registry import class_is
 
@@ -48,7 +49,7 @@ class Bnb4bitBackend:
         state = module.weight.quant_state
         return state.dtype if state is not None else None
 
-    def dequantize(self, module: nn.Module) -> Tensor:
+    def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         _keep_canonical_layout(module)
         state = _quant_state(module)
         absmax = state.absmax
@@ -56,7 +57,7 @@ class Bnb4bitBackend:
             nested = state.state2
             absmax = dequantize_blockwise_8bit(absmax, nested.code, nested.absmax, nested.blocksize) + state.offset
         return dequantize_4bit(
-            module.weight.data, absmax, state.code, state.blocksize, tuple(state.shape), state.dtype
+            module.weight.data, absmax, state.code, state.blocksize, tuple(state.shape), state.dtype, out=out
         )                                                                    # (out, in)
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
@@ -104,7 +105,7 @@ class Bnb8bitBackend:
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
         return None                                                          # follows the input
 
-    def dequantize(self, module: nn.Module) -> Tensor:
+    def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         weight = module.weight
         if weight.dtype != torch.int8:                                      # has_fp16_weights, not quantized
             return weight.detach()
@@ -114,6 +115,8 @@ class Bnb8bitBackend:
                 f"{type(module).__name__} holds int8 weights but no row scales (weight.SCB and state.SCB "
                 "are both None); load it through bitsandbytes/transformers so the scales are set"
             )
+        if weight.device.type == "cpu" and dequant_cpu.available():
+            return dequant_cpu.rowwise_int8(weight.data, scales, out)
         return weight.data.float() * (scales.float()[:, None] / 127.0)       # (out, in) fp32
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:

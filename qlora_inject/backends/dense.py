@@ -33,8 +33,8 @@ class DenseBackend:
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
         return module.weight.dtype
 
-    def dequantize(self, module: nn.Module) -> Tensor:
-        weight = module.weight.detach()
+    def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
+        weight = module.weight.detach()                                     # the weight itself: `out` is not needed
         return weight.t() if is_conv1d(module) else weight                  # (out, in)
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:

@@ -71,9 +71,9 @@ class GptqBackend:
             return 0 if getattr(type(module), "REQUIRES_FORMAT_V2", False) else 1
         return 1                                                             # auto-gptq and checkpoints: v1
 
-    def dequantize(self, module: nn.Module) -> Tensor:
+    def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         return dequantize_gptq(module.qweight, module.qzeros, module.scales, module.g_idx, module.bits,
-                               module.in_features, module.out_features, self.zero_offset(module))
+                               module.in_features, module.out_features, self.zero_offset(module), out=out)
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return run_or_fall_back(module, x, self)

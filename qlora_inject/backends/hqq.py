@@ -37,8 +37,8 @@ class HqqBackend:
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
         return getattr(module, "compute_dtype", None) or module.meta.get("compute_dtype")
 
-    def dequantize(self, module: nn.Module) -> Tensor:
-        return dequantize_hqq(module.W_q, module.meta)                    # (out, in), compute dtype
+    def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
+        return dequantize_hqq(module.W_q, module.meta, out=out)                    # (out, in), compute dtype
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return module(x)

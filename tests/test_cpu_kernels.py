@@ -1,0 +1,124 @@
+"""The numba CPU kernels give their torch twins' results bit for bit, in every dtype and layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_inject.kernels import dequant_cpu
+from qlora_inject.kernels.dequant_4bit import dequantize_4bit, dequantize_4bit_blockwise
+from qlora_inject.kernels.dequant_gptq import (
+    dequantize_awq_gemm,
+    dequantize_awq_gemm_torch,
+    dequantize_gptq,
+    dequantize_gptq_torch,
+)
+from qlora_inject.kernels.dequant_hqq import dequantize_hqq, dequantize_hqq_torch
+from qlora_inject.kernels.workspace import scratch
+
+pytestmark = pytest.mark.skipif(not dequant_cpu.available(), reason="numba is not installed")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _same(kernel: torch.Tensor, twin: torch.Tensor) -> None:
+    assert kernel.shape == twin.shape
+    assert torch.equal(kernel.to(twin.dtype), twin) and torch.equal(kernel.float(), twin.float())
+
+
+def _words(*shape: int) -> torch.Tensor:
+    return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32)
+
+
+def test_rounding_to_fp16_and_bf16_equals_torch_casts_including_ties_subnormals_and_overflow():
+    round_to = dequant_cpu._kernels()["round_to"]
+    values = torch.cat([
+        torch.randn(5000) * 10.0 ** torch.randint(-9, 6, (5000,)).float(),
+        torch.tensor([65504.0, 65519.0, 65520.0, 70000.0, -65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 2.0**-14,
+                      1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 0.0, -0.0]),
+    ])
+    for mode, dtype in ((1, torch.float16), (2, torch.bfloat16)):
+        rounded = values.clone()
+        round_to(rounded.numpy(), mode)
+        assert torch.equal(rounded, values.to(dtype).float()), dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 128), (40, 96), (7, 201)])
+def test_4bit_kernel_equals_the_twin(shape, dtype):
+    torch.manual_seed(0)
+    numel = shape[0] * shape[1]
+    packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8)
+    absmax = torch.rand(-(-numel // 64)) * 3
+    code = torch.linspace(-1, 1, 16)
+    twin = dequantize_4bit_blockwise(packed, absmax, code, 64, shape, dtype)
+    _same(dequantize_4bit(packed, absmax, code, 64, shape, dtype), twin)
+    into = dequantize_4bit(packed, absmax, code, 64, shape, dtype, out=scratch(numel, torch.float32, "cpu"))
+    assert into.dtype == torch.float32                                      # fp32 container, the dtype's values
+    _same(into, twin)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("zero_offset", [0, 1])
+def test_gptq_kernel_equals_the_twin(bits, act_order, zero_offset):
+    torch.manual_seed(bits)
+    in_features, out_features, group_size = 96, 40, 32
+    per_word = 32 // bits
+    qweight = _words(in_features // per_word, out_features)
+    qzeros = _words(in_features // group_size, -(-out_features // per_word))
+    g_idx = torch.arange(in_features) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(in_features)]
+    for dtype in DTYPES:
+        scales = (torch.rand(in_features // group_size, out_features) * 0.1).to(dtype)
+        args = (qweight, qzeros, scales, g_idx, bits, in_features, out_features, zero_offset)
+        twin = dequantize_gptq_torch(*args)
+        _same(dequantize_gptq(*args), twin)
+        _same(dequantize_gptq(*args, out=scratch(in_features * out_features, torch.float32, "cpu")), twin)
+
+
+@pytest.mark.parametrize("bits, interleaved", [(4, True), (4, False), (2, False), (8, False)])
+@pytest.mark.parametrize("out_features", [64, 60])
+def test_awq_kernel_equals_the_twin(bits, interleaved, out_features):
+    torch.manual_seed(bits)
+    in_features, group_size = 96, 32
+    words = -(-out_features // (32 // bits))
+    qweight, qzeros = _words(in_features, words), _words(-(-in_features // group_size), words)
+    for dtype in DTYPES:
+        scales = (torch.rand(-(-in_features // group_size), out_features) * 0.1).to(dtype)
+        args = (qweight, qzeros, scales, bits, group_size, out_features, interleaved)
+        twin = dequantize_awq_gemm_torch(*args)
+        _same(dequantize_awq_gemm(*args), twin)
+        _same(dequantize_awq_gemm(*args, out=scratch(in_features * out_features, torch.float32, "cpu")), twin)
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("rows", [64, 63])
+def test_hqq_4bit_kernel_equals_the_twin(axis, rows):
+    torch.manual_seed(axis)
+    cols = 32
+    packed = torch.randint(0, 256, ((rows + 1) // 2, cols), dtype=torch.uint8)
+    broadcast = (rows, 1) if axis == 1 else (1, cols)
+    meta = {"packing": "4bit_u8", "axis": axis, "group_size": cols if axis == 1 else rows,
+            "shape": (rows * cols // 16, 16), "compute_dtype": torch.float32,
+            "zero": torch.rand(broadcast) * 15, "scale": torch.rand(broadcast)}
+    twin = dequantize_hqq_torch(packed, meta)
+    _same(dequantize_hqq(packed, meta), twin)
+    _same(dequantize_hqq(packed, meta, out=scratch(rows * cols, torch.float32, "cpu")), twin)
+
+
+def test_int8_rows_equal_the_formula():
+    codes = torch.randint(-127, 128, (33, 70), dtype=torch.int8)
+    scales = torch.rand(33) * 5
+    _same(dequant_cpu.rowwise_int8(codes, scales), codes.float() * (scales[:, None] / 127.0))
+
+
+def test_scratch_is_shared_grows_and_is_used_by_the_kernels():
+    small = scratch(10, torch.float32, "cpu")
+    again = scratch(8, torch.float32, "cpu")
+    assert again.data_ptr() == small.data_ptr()
+    packed = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    out = scratch(8192, torch.float32, "cpu")
+    weight = dequantize_4bit(packed, torch.rand(128), torch.linspace(-1, 1, 16), 64, (64, 128), torch.float32, out=out)
+    assert weight.data_ptr() == out.data_ptr()
