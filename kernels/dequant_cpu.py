@@ -98,14 +98,26 @@ def _kernels():
         per_word = 32 // bits
         mask = (1 << bits) - 1
         out_features = out.shape[1]
+        full_words = out_features // per_word
         for i in numba.prange(out.shape[0]):
             group = i // group_size
-            for w in range(qweight.shape[1]):
-                word = qweight[i, w]
-                first = w * per_word
-                for j in range(min(per_word, out_features - first)):
-                    code = (word >> (positions[j] * bits)) & mask
-                    out[i, first + j] = np.float32(code - zeros[group, first + j]) * scales[group, first + j]
+            if per_word == 8:                                           # 4-bit: a fixed trip count unrolls
+                for w in range(full_words):
+                    word = qweight[i, w]
+                    for j in range(8):
+                        o = w * 8 + j
+                        code = (word >> (positions[j] * 4)) & 15
+                        out[i, o] = np.float32(code - zeros[group, o]) * scales[group, o]
+            else:
+                for w in range(full_words):
+                    word = qweight[i, w]
+                    for j in range(per_word):
+                        o = w * per_word + j
+                        code = (word >> (positions[j] * bits)) & mask
+                        out[i, o] = np.float32(code - zeros[group, o]) * scales[group, o]
+            for o in range(full_words * per_word, out_features):            # a partly used last word
+                code = (qweight[i, full_words] >> (positions[o % per_word] * bits)) & mask
+                out[i, o] = np.float32(code - zeros[group, o]) * scales[group, o]
             round_to(out[i], mode)
 
     @jit
@@ -119,9 +131,15 @@ def _kernels():
         for r in numba.prange(rows):
             source = r % half
             shift = 4 if r < half else 0
-            for c in range(packed.shape[1]):
-                code = np.float32((packed[source, c] >> shift) & 15)
-                out[r, c] = (code - zero[r * zero_rows, c * zero_cols]) * scale[r * scale_rows, c * scale_cols]
+            if zero_cols == 0 and scale_cols == 0:                      # axis 1: one zero/scale per row
+                z = zero[r * zero_rows, 0]
+                s = scale[r * scale_rows, 0]
+                for c in range(packed.shape[1]):
+                    out[r, c] = (np.float32((packed[source, c] >> shift) & 15) - z) * s
+            else:
+                for c in range(packed.shape[1]):
+                    code = np.float32((packed[source, c] >> shift) & 15)
+                    out[r, c] = (code - zero[r * zero_rows, c * zero_cols]) * scale[r * scale_rows, c * scale_cols]
 
     return {"blockwise_4bit": blockwise_4bit, "rowwise_int8": rowwise_int8, "gptq": gptq, "awq": awq,
             "hqq_4bit": hqq_4bit, "round_to": round_to}

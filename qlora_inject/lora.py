@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlora_inject import dora, init_schemes
+from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
 from qlora_inject.kernels.lora_batched import lora_gathered_any, stack_adapters
+from qlora_inject.kernels.workspace import scratch
 from qlora_inject.registry import Backend, find_backend
 
 BASE_ADAPTER = "__base__"                                                     # "no adapter" in a mixed batch
@@ -83,6 +85,9 @@ class LoraLinear(nn.Module):
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
         self.batch_adapters: list[str] | None = None                          # one name per sample, while set
+        # Train through one fused op (base + adapters) where the backend allows it; False forces the
+        # unfused path (the base's own forward, then each adapter's term), e.g. to compare the two.
+        self.fuse = True
         # While merged, the original base module is kept here, unregistered (it is not part of the
         # state dict), and unmerge puts this very object back: its tensors never change.
         self.__dict__["unmerged_base"] = None
@@ -179,6 +184,9 @@ class LoraLinear(nn.Module):
     # --- forward --------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = self._forward_fused(x)
+        if fused is not None:
+            return fused
         result = self.backend.forward(self.base_layer, x)
         if self.disable_adapters:
             return result
@@ -188,6 +196,49 @@ class LoraLinear(nn.Module):
             if name in self.lora_A and name not in self.merged_adapters:
                 result = self._add_lora(result, x, name)
         return result
+
+    def _forward_fused(self, x: Tensor) -> Tensor | None:
+        """The base and every active plain-LoRA adapter as one fused op, when training allows it.
+
+        Taken while gradients are needed, for backends marked `fused` (their `x·dequantize(W)ᵀ + b`
+        is their forward); not for DoRA adapters, mixed batches, a trainable base weight, or adapters
+        computing in a dtype other than the base's. Otherwise (and at inference, where the owning
+        library's own kernels serve best) `None`, and the unfused path runs.
+        """
+        if not (self.fuse and getattr(self.backend, "fused", False) and torch.is_grad_enabled()
+                and not self.disable_adapters and self.batch_adapters is None):
+            return None
+        names = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        if not names or any(n in self.lora_magnitude_vector for n in names):
+            return None
+        base = self.base_layer
+        autocast = torch.is_autocast_enabled(x.device.type)
+        # Under autocast both the base matmul and the adapters' would run in the autocast dtype.
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.backend.compute_dtype(base) or x.dtype
+        adapters = []
+        for name in names:
+            dropout = self.lora_dropout[name]
+            if not isinstance(dropout, (nn.Dropout, nn.Identity)) or (
+                    not autocast and (self.lora_compute_dtype[name] or x.dtype) != dtype):
+                return None
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            adapters.append((self.lora_A[name].weight, self.lora_B[name].weight, AdapterTerm(self.scaling[name], p)))
+        if not (x.requires_grad or any(t.requires_grad for A, B, _ in adapters for t in (A, B))):
+            return None
+        if any(p.requires_grad for n, p in base.named_parameters() if n != "bias"):
+            return None
+        numel, device = self.in_features * self.out_features, x.device
+
+        def dequantize() -> Tensor:
+            return self.backend.dequantize(base, out=scratch(numel, dtype, device))
+
+        bias = getattr(base, "bias", None)
+        own_forward = None
+        if not getattr(self.backend, "exact_forward", True):                # keep the format's own forward numerics
+            def own_forward(inputs: Tensor) -> Tensor:
+                return self.backend.forward(base, inputs)
+        return fused_lora_linear(x, bias if isinstance(bias, Tensor) else None, dequantize, dtype, adapters,
+                                 self.training, own_forward)
 
     def _add_lora_per_sample(self, result: Tensor, x: Tensor) -> Tensor:
         """Mixed batch: sample i gets adapter `batch_adapters[i]` (`"__base__"`: none)."""

@@ -24,6 +24,10 @@ class Backend(Protocol):
     #                          (LLM.int8 rounds activations); DoRA then reads W instead of the forward.
     #   reference_forward(module, x)  the owning library's own computation, for the layout self-check,
     #                          when `forward` is ours rather than the module's.
+    #   fused = True           `dequantize` takes an `out=` scratch (it may ignore it): training then runs
+    #                          the base and its plain LoRA adapters as one op (kernels/fused_lora.py),
+    #                          whose forward is x·dequantize(W)ᵀ + module.bias, or `forward` itself
+    #                          when exact_forward is False, and whose backward re-dequantizes.
 
     def matches(self, module: nn.Module) -> bool:
         """True when this backend handles `module` (by class, or by its attributes)."""

@@ -41,6 +41,7 @@ class AwqBackend:
     """AWQ at 2–8 bits (GPTQModel) or 4 bits (AutoAWQ), GEMM and GEMV layouts."""
 
     name = "awq"
+    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         if is_gptqmodel_layer(module):

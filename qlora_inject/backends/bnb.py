@@ -29,6 +29,7 @@ class Bnb4bitBackend:
     """`bnb.nn.Linear4bit`: packed 4-bit codes in `weight`, scales in `weight.quant_state`."""
 
     name = "bnb-4bit"
+    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
@@ -92,6 +93,7 @@ class Bnb8bitBackend:
 
     name = "bnb-8bit"
     exact_forward = False                    # LLM.int8 rounds activations: x·Wᵀ needs dequantize for exactness
+    fused = True                             # the fused op keeps this forward; its backward re-dequantizes fast
 
     def matches(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)

@@ -19,6 +19,7 @@ class DenseBackend:
     """`nn.Linear` and `Conv1D`: the weight is the dense weight."""
 
     name = "dense"
+    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         # A Linear whose weight is a Parameter subclass (Params4bit, Int8Params, …) is quantized.

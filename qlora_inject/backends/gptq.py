@@ -53,6 +53,7 @@ class GptqBackend:
     """GPTQ at 2, 3, 4 and 8 bits, any group size, act-order `g_idx`, v1 or v2 zero points."""
 
     name = "gptq"
+    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         if is_gptqmodel_layer(module):

@@ -18,6 +18,7 @@ class HqqBackend:
     """`HQQLinear`, 1–8 bits, either axis, quantized or offloaded meta data."""
 
     name = "hqq"
+    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         return class_is(module, "HQQLinear", "hqq") or (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -97,15 +98,20 @@ def test_a_layout_that_disagrees_with_its_forward_is_refused_and_the_model_uncha
     assert type(holder.proj) is MisreadGptq
 
 
-def test_inference_only_kernel_falls_back_while_training_and_says_so():
+def test_inference_only_kernel_trains_through_the_fused_op_and_unfused_falls_back_saying_so():
     layer = make_gptq(4, 32, dtype=torch.float32)
     type(layer).SUPPORTS_TRAINING = False
     try:
         model = Holder(layer)
         inject(model, LoraConfig(target_modules=["proj"], init_lora_weights=False))
         x = torch.randn(2, 128, requires_grad=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                                 # the fused op never calls the kernel
+            fused = model(x)
+        model.proj.fuse = False
         with pytest.warns(UserWarning, match=r"inference-only kernel; while training.*dequantize"):
             y = model(x)
+        torch.testing.assert_close(fused, y)
         y.sum().backward()
         assert x.grad is not None and model.proj.lora_A["default"].weight.grad is not None
     finally:

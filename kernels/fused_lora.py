@@ -1,0 +1,123 @@
+"""One autograd op for a frozen (quantized) linear plus its plain LoRA adapters.
+
+    y = x · Wᵀ + b + Σ_a s_a · (drop_a(x) · A_aᵀ) · B_aᵀ,        W = dequantize()
+
+Forward: the base weight is dequantized into a reused scratch (`kernels.workspace`), used for one
+matmul and dropped; each adapter's term is folded into that output with `addmm_` (no clone, no
+separate scale or add passes). Backward: W is dequantized again for the input gradient instead of
+being kept. Saved for backward: the input, each adapter's dropout mask (bool) and its small
+`h_a = drop_a(x) · A_aᵀ` (tokens × r), and the adapter weights (parameters, not copies).
+A format whose forward is not `x · Wᵀ` (LLM.int8 rounds activations) passes its own forward;
+only the backward is then this op's. Everything runs in one compute dtype; adapter weights stored
+wider are cast on the fly and their gradients returned in their own dtype. Dropout uses
+`torch.native_dropout`, the kernel autograd itself uses for `nn.Dropout`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AdapterTerm:
+    """The non-tensor facts of one adapter: its scale and its dropout probability."""
+
+    scaling: float
+    dropout: float = 0.0
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """autograd op: base matmul (re-dequantized in backward) + LoRA terms folded into its output."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *args):
+        with torch.autocast(x.device.type, enabled=False):                  # dtypes here are explicit
+            return FusedLoraLinear._forward(ctx, x, *args)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        with torch.autocast(grad.device.type, enabled=False):
+            return FusedLoraLinear._backward(ctx, grad)
+
+    @staticmethod
+    def _forward(ctx, x: Tensor, bias: Tensor | None, dequantize: Callable[[], Tensor],
+                 own_forward: Callable[[Tensor], Tensor] | None, compute_dtype: torch.dtype,
+                 terms: Sequence[AdapterTerm], training: bool, *weights: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(compute_dtype)                  # (tokens, in)
+        if own_forward is not None:                                          # the format's own numerics (bias in)
+            out = own_forward(x)
+            out = out.reshape(-1, out.shape[-1]).to(compute_dtype)
+        else:
+            weight = dequantize()                                             # (out, in), in the scratch
+            out = torch.mm(flat, weight.t().to(compute_dtype)) if bias is None else torch.addmm(
+                bias.to(compute_dtype), flat, weight.t().to(compute_dtype))  # (tokens, out)
+            del weight
+        hidden, masks = [], []
+        for term, A, B in zip(terms, weights[0::2], weights[1::2], strict=True):
+            mask = None
+            dropped = flat
+            if training and term.dropout > 0:
+                dropped, mask = torch.native_dropout(flat, term.dropout, True)
+            h = torch.mm(dropped, A.t().to(compute_dtype))                    # (tokens, r)
+            out.addmm_(h, B.t().to(compute_dtype), alpha=term.scaling)
+            hidden.append(h)
+            masks.append(mask)
+        ctx.dequantize, ctx.compute_dtype, ctx.terms = dequantize, compute_dtype, tuple(terms)
+        ctx.has_mask = [m is not None for m in masks]
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, *weights, *hidden, *[m for m in masks if m is not None])
+        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
+        count = len(ctx.terms)
+        x, *rest = ctx.saved_tensors
+        weights, hidden, stored_masks = rest[:2 * count], rest[2 * count:3 * count], iter(rest[3 * count:])
+        masks = [next(stored_masks) if has else None for has in ctx.has_mask]
+        dtype = ctx.compute_dtype
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)                        # (tokens, out)
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        needs_x = ctx.needs_input_grad[0]
+        weight_grads: list[Tensor | None] = []
+        input_terms = []                                                      # (g·B·s, A, mask, p) per adapter
+        per_adapter = zip(ctx.terms, weights[0::2], weights[1::2], hidden, masks, strict=True)
+        for i, (term, A, B, h, mask) in enumerate(per_adapter):
+            need_A, need_B = ctx.needs_input_grad[7 + 2 * i], ctx.needs_input_grad[8 + 2 * i]
+            gh = torch.mm(g, B.to(dtype)).mul_(term.scaling) if (need_A or needs_x) else None   # (tokens, r)
+            grad_A = grad_B = None
+            if need_A:
+                dropped = flat if mask is None else flat * mask * (1.0 / (1.0 - term.dropout))
+                grad_A = torch.mm(gh.t(), dropped).to(A.dtype)                # (r, in)
+            if need_B:
+                grad_B = torch.mm(g.t(), h).mul_(term.scaling).to(B.dtype)   # (out, r)
+            weight_grads += [grad_A, grad_B]
+            if needs_x:
+                input_terms.append((gh, A.to(dtype), mask, term.dropout))
+        grad_x = None
+        if needs_x:
+            grad_x = torch.mm(g, ctx.dequantize().to(dtype))                  # (tokens, in), re-dequantized
+            for gh, A, mask, p in input_terms:
+                if mask is None:
+                    grad_x.addmm_(gh, A)
+                else:
+                    grad_x.add_(torch.mm(gh, A).mul_(mask).mul_(1.0 / (1.0 - p)))
+            grad_x = grad_x.view(x.shape).to(x.dtype)
+        grad_bias = g.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return (grad_x, grad_bias, None, None, None, None, None, *weight_grads)
+
+
+def fused_lora_linear(x: Tensor, bias: Tensor | None, dequantize: Callable[[], Tensor], compute_dtype: torch.dtype,
+                      adapters: Sequence[tuple[Tensor, Tensor, AdapterTerm]], training: bool,
+                      own_forward: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """`x · Wᵀ + b + Σ s·B·A·drop(x)` as one op; `adapters` holds (A (r, in), B (out, r), term) triples.
+
+    `own_forward`, when given, computes the base output instead of `x · dequantize()ᵀ + b` (formats
+    whose forward rounds, like LLM.int8); the backward still uses the dequantized weight.
+    """
+    weights = [t for A, B, _ in adapters for t in (A, B)]
+    return FusedLoraLinear.apply(x, bias, dequantize, own_forward, compute_dtype, [term for *_, term in adapters],
+                                 training, *weights)
