@@ -200,13 +200,14 @@ class LoraLinear(nn.Module):
     def _forward_fused(self, x: Tensor) -> Tensor | None:
         """The base and every active plain-LoRA adapter as one fused op, when training allows it.
 
-        Taken while gradients are needed, for backends marked `fused` (their `x·dequantize(W)ᵀ + b`
-        is their forward); not for DoRA adapters, mixed batches, a trainable base weight, or adapters
-        computing in a dtype other than the base's. Otherwise (and at inference, where the owning
-        library's own kernels serve best) `None`, and the unfused path runs.
+        Taken for backends marked `fused` while gradients are needed, and on CPU at inference too
+        (where our dequantization kernels beat the libraries' CPU paths); not for DoRA adapters, mixed
+        batches, a trainable base weight, or adapters computing in a dtype other than the base's.
+        Otherwise (GPU inference, where the owning library's kernels serve best) `None`, and the
+        unfused path runs.
         """
-        if not (self.fuse and getattr(self.backend, "fused", False) and torch.is_grad_enabled()
-                and not self.disable_adapters and self.batch_adapters is None):
+        if not (self.fuse and getattr(self.backend, "fused", False) and not self.disable_adapters
+                and self.batch_adapters is None):
             return None
         names = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
         if not names or any(n in self.lora_magnitude_vector for n in names):
@@ -223,7 +224,9 @@ class LoraLinear(nn.Module):
                 return None
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
             adapters.append((self.lora_A[name].weight, self.lora_B[name].weight, AdapterTerm(self.scaling[name], p)))
-        if not (x.requires_grad or any(t.requires_grad for A, B, _ in adapters for t in (A, B))):
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for A, B, _ in adapters
+                                                                          for t in (A, B)))
+        if not needs_grad and x.device.type != "cpu":
             return None
         if any(p.requires_grad for n, p in base.named_parameters() if n != "bias"):
             return None
@@ -262,8 +265,7 @@ class LoraLinear(nn.Module):
     def _add_lora_gathered(self, result: Tensor, x: Tensor, names: list[str], present: list[str],
                            dtype: torch.dtype) -> Tensor:
         """Plain-LoRA mixed batch in one gathered shrink/expand over the stacked adapters."""
-        A, B = stack_adapters([(self.lora_A[n].weight.to(dtype), self.lora_B[n].weight.to(dtype)) for n in present])
-        scaling = torch.tensor([self.scaling[n] for n in present], device=x.device, dtype=dtype)
+        A, B, scaling = self._stacked_adapters(present, dtype)
         position = {n: i for i, n in enumerate(present)}
         per_sample = torch.tensor([position.get(n, -1) for n in names], device=x.device)
         tokens_per_sample = x[0].numel() // self.in_features
@@ -274,6 +276,25 @@ class LoraLinear(nn.Module):
         flat = x.to(dtype).reshape(-1, self.in_features)
         delta = lora_gathered_any(flat, A, B, scaling, index)                      # (tokens, out)
         return result + delta.view(result.shape).to(result.dtype)
+
+    def _stacked_adapters(self, present: list[str], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The adapters stacked for the gathered kernels, rebuilt only when an adapter's weights change.
+
+        Serving calls this on every layer for every batch; the key holds each weight's storage and
+        in-place version counter, so training steps, `load_state_dict` and re-initialisation all
+        invalidate it.
+        """
+        weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in present]
+        key = (tuple(present), dtype, tuple((t.data_ptr(), t._version) for pair in weights for t in pair),
+               tuple(self.scaling[n] for n in present))
+        cached = self.__dict__.get("_stack_cache")
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+            return cached[1]
+        A, B = stack_adapters([(a.to(dtype), b.to(dtype)) for a, b in weights])
+        scaling = torch.tensor([self.scaling[n] for n in present], device=A.device, dtype=dtype)
+        if not torch.is_grad_enabled():                                    # never cache tensors that carry a graph
+            self.__dict__["_stack_cache"] = (key, (A, B, scaling))
+        return A, B, scaling
 
     def _add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         dtype = self.lora_compute_dtype[name] or x.dtype

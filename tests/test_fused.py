@@ -114,12 +114,16 @@ def test_the_fused_path_steps_aside_where_it_does_not_apply(monkeypatch):
     model = _wrapped("dense")
     x = torch.randn(2, IN_FEATURES)
     with torch.no_grad():
-        model(x)                                                            # inference: the base's own forward
+        model(x)                                                            # CPU inference: fused too
     model(x).sum().backward()
-    assert taken == [1]
-    dora = _wrapped("dense", use_dora=True)
-    dora(x).sum().backward()                                                # DoRA: its own path
-    assert taken == [1]
+    assert taken == [1, 1]
+    _wrapped("dense", use_dora=True)(x).sum().backward()                    # DoRA: its own path
+    model.proj.set_adapter([])
+    model(x)                                                                # no active adapter: the base alone
+    model.proj.set_adapter(["default"])
+    model.proj.batch_adapters = ["default", "__base__"]
+    model(x)                                                                # mixed batch: the gathered path
+    assert taken == [1, 1]
 
 
 def test_op_matches_the_formula_with_fp32_adapters_and_bf16_compute():

@@ -146,3 +146,21 @@ def test_mixed_batch_trains_each_adapter_on_its_own_samples():
         model(x[i:i + 1]).square().sum().backward()
     for name in ("default", "other"):
         torch.testing.assert_close(mixed[name], layer.lora_A[name].weight.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_batch_reuses_stacked_adapters_until_a_weight_changes():
+    model = adapted("dense")
+    model.add_adapter("other", LoraConfig(r=2, lora_alpha=8, target_modules=["proj"], init_lora_weights=False))
+    layer = model.model.proj
+    x = torch.randn(2, 3, IN_FEATURES)
+    names = ["default", "other"]
+    with torch.no_grad():
+        first = model(x, adapter_names=names)
+        stacked = layer.__dict__["_stack_cache"][1][0]
+        second = model(x, adapter_names=names)
+        assert layer.__dict__["_stack_cache"][1][0] is stacked                # reused, not rebuilt
+        torch.testing.assert_close(first, second)
+        layer.lora_B["other"].weight.add_(1.0)                              # an in-place change invalidates it
+        changed = model(x, adapter_names=names)
+    assert layer.__dict__["_stack_cache"][1][0] is not stacked
+    assert torch.equal(changed[0], first[0]) and not torch.allclose(changed[1], first[1])
