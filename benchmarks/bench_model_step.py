@@ -1,12 +1,15 @@
-"""Question: how fast, and in how much memory, does one LoRA training step of a small quantized Llama
-run here, against PEFT over the very same quantized model?
+"""Question: how fast, and in how much memory, does one LoRA training step of a quantized Llama run,
+against PEFT over the very same quantized model?
 
-A Llama-architecture model built from a config (random weights; default 4 layers, hidden 512),
-quantized to each format, LoRA r = 16 on all seven projections, AdamW, batch 2 × 128 tokens. Each
-(format, library) pair runs in a fresh process, so its peak resident memory is its own.
+A Llama-architecture model built from a config (random weights), every linear but the head quantized
+to the format by its own library, LoRA r = 16 on all seven projections, AdamW. Each (format,
+library) pair runs in a fresh process, so its peak memory is its own: resident memory on CPU,
+`torch.cuda.max_memory_allocated` on a GPU.
 
-    python benchmarks/bench_model_step.py                       # every format, 5 timed steps
+    python benchmarks/bench_model_step.py                       # CPU: 4 layers, hidden 512, 2 x 128, fp32
     python benchmarks/bench_model_step.py --formats nf4 --steps 3
+    python benchmarks/bench_model_step.py --preset llama-8b     # GPU: 8B-shaped NF4, 2 x 2048, bf16,
+                                                                # gradient checkpointing (4 of its 32 layers)
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import json
 import multiprocessing
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,27 +27,45 @@ import torch
 from qlora_inject.bench import machine, markdown_table
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PRESETS = {
+    "llama-8b": dict(formats="nf4", hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, layers=4,
+                     batch=2, seq=2048, dtype="bf16", device="cuda", gradient_checkpointing=True, steps=5),
+}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}      # dense, per GPU
 
 
-def one_run(fmt: str, library: str, hidden: int, layers: int, batch: int, seq: int, steps: int, queue) -> None:
+def linear_parameters(args) -> int:
+    """Parameters of every linear of the model (the head included), for 6·N·tokens FLOPs."""
+    head_dim = args.hidden // args.heads
+    attention = 2 * args.hidden * args.hidden + 2 * args.hidden * args.kv_heads * head_dim
+    return args.layers * (attention + 3 * args.hidden * args.intermediate) + args.hidden * args.vocab
+
+
+def one_run(fmt: str, library: str, args, queue) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora_inject.train import load_model, quiet_transformers
+    from qlora_inject.quantize import quantize_model
+    from qlora_inject.train import quiet_transformers
 
     quiet_transformers()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 64 * 64,
-                         num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
-                         max_position_embeddings=2 * seq)
-    with tempfile.TemporaryDirectory() as tmp:
-        LlamaForCausalLM(config).save_pretrained(tmp)
-        model = load_model(Path(tmp), fmt)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=2 * args.seq)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    if fmt != "none":
+        quantize_model(model, fmt, compute_dtype=dtype, device=device, group_size=64 if fmt == "hqq" else 128)
     for module in model.modules():                                   # no in-place CPU repack in either library
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if library == "ours":
         from qlora_inject import LoraConfig, LoraModel
 
@@ -56,42 +76,66 @@ def one_run(fmt: str, library: str, hidden: int, layers: int, batch: int, seq: i
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(0, 4096, (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
+    cuda = device.type == "cuda"
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
-    for step in range(steps + 1):                                     # the first step is warm-up
+    for step in range(args.steps + 1):                                # the first step is warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            if step == 1:
+                torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         if step:
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({"seconds": statistics.median(times), "peak_mib": peak / 1024, "growth_mib": (peak - before) / 1024})
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"seconds": statistics.median(times), "peak_mib": peak,
+               "growth_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before / 1024})
 
 
 def measure(fmt: str, library: str, args) -> dict | None:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=one_run, args=(fmt, library, args.hidden, args.layers, args.batch, args.seq,
-                                                     args.steps, queue))
+    process = context.Process(target=one_run, args=(fmt, library, args, queue))
     process.start()
     process.join()
     return queue.get() if not queue.empty() else None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="one LoRA training step of a small quantized Llama: ours vs PEFT")
+    parser = argparse.ArgumentParser(description="one LoRA training step of a quantized Llama: ours vs PEFT")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for a named workload")
     parser.add_argument("--formats", default="none,nf4,int8,hqq,gptq,awq")
     parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=None, help="default: about 2.75 x hidden")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)                                  # explicit flags still win
+    args.intermediate = args.intermediate or args.hidden * 11 // 4 // 64 * 64
     rows, raw = [], {}
     tokens = args.batch * args.seq
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if args.device.startswith("cuda")
+                       and k in torch.cuda.get_device_name()), None)
     for fmt in args.formats.split(","):
         ours, theirs = measure(fmt, "ours", args), measure(fmt, "peft", args)
         raw[fmt] = {"ours": ours, "peft": theirs}
@@ -101,22 +145,35 @@ def main(argv: list[str] | None = None) -> None:
         def rate(result: dict | None) -> str:
             return "—" if result is None else f"{tokens / result['seconds']:,.0f}"
 
-        rows.append([fmt, rate(ours), rate(theirs),
-                     "—" if theirs is None else f"{theirs['seconds'] / ours['seconds']:.2f}",
-                     f"{ours['peak_mib']:,.0f}", "—" if theirs is None else f"{theirs['peak_mib']:,.0f}"])
+        def mfu(result: dict | None) -> str:
+            if result is None or peak_flops is None:
+                return "—"
+            return f"{6 * linear_parameters(args) * tokens / result['seconds'] / peak_flops:.1%}"
+
+        def ratio(a: float | None, b: float | None) -> str:
+            return "—" if a is None or b is None else f"{a / b:.2f}"
+
+        rows.append([fmt, rate(ours), rate(theirs), ratio(theirs and theirs["seconds"], ours["seconds"]),
+                     mfu(ours), mfu(theirs), f"{ours['peak_mib']:,.0f}",
+                     "—" if theirs is None else f"{theirs['peak_mib']:,.0f}",
+                     ratio(ours["peak_mib"], theirs and theirs["peak_mib"])])
+    memory = "peak allocated MiB" if args.device.startswith("cuda") else "peak RSS MiB"
     text = "\n".join([
         f"machine: {machine()}",
-        f"workload: Llama {args.layers} layers, hidden {args.hidden}, LoRA r=16 on 7 projections, AdamW, "
-        f"batch {args.batch} x {args.seq} tokens, fp32 compute, median of {args.steps} steps after one warm-up",
+        f"workload: Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocabulary "
+        f"{args.vocab}, LoRA r=16 on 7 projections, AdamW, batch {args.batch} x {args.seq} tokens, {args.dtype} on "
+        f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}, median of {args.steps} "
+        "steps after one warm-up; MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
         "",
-        markdown_table(["format", "ours tokens/s", "PEFT tokens/s", "speed-up (PEFT time / ours)",
-                        "ours peak RSS MiB", "PEFT peak RSS MiB"], rows),
+        markdown_table(["format", "ours tokens/s", "PEFT tokens/s", "speed-up (PEFT time / ours)", "ours MFU",
+                        "PEFT MFU", f"ours {memory}", f"PEFT {memory}", "memory ours/PEFT"], rows),
     ])
     print(text)
     if args.output is not None:
         args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "model_step.md").write_text(text + "\n")
-        (args.output / "model_step.json").write_text(json.dumps(raw, indent=2))
+        name = f"model_step_{args.preset}" if args.preset else "model_step"
+        (args.output / f"{name}.md").write_text(text + "\n")
+        (args.output / f"{name}.json").write_text(json.dumps(raw, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU checks, in one go (under 8 minutes on one H100): the CUDA tests, the kernel sweep at
+# Llama-3.1-8B shapes, and the 8B-shaped NF4 training step against PEFT + bitsandbytes.
+#
+#   bash benchmarks/gpu_check.sh [RESULTS_DIR]          # default: benchmarks/results/gpu
+#
+# Needs torch with CUDA, triton, transformers and peft. bitsandbytes (for the NF4 step and the
+# bitsandbytes CUDA tests) may come as wheels in .whl/ (see benchmarks/RESULTS.md); they are
+# installed into /tmp/site first. Each part runs even when an earlier one failed; the exit status
+# is that of the first failure.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+results=${1:-benchmarks/results/gpu}
+mkdir -p "$results"
+export PYTHONUNBUFFERED=1
+python=${PYTHON:-python3}
+status=0
+
+step() {                                             # step NAME COMMAND...: run, log, remember a failure
+    local name=$1
+    shift
+    echo "== $name: $*"
+    local began=$SECONDS
+    "$@" 2>&1 | tee "$results/$name.log"
+    local code=${PIPESTATUS[0]}
+    echo "== $name: exit $code after $((SECONDS - began)) s"
+    [ "$code" -eq 0 ] || [ "$status" -ne 0 ] || status=$code
+}
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The package itself, without touching the machine's torch: `kernels/` installs as qlora_inject.kernels.
+$python -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/qlora-site . \
+    && export PYTHONPATH=/tmp/qlora-site${PYTHONPATH:+:$PYTHONPATH}
+$python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" \
+    || exit 1
+
+step cuda_tests $python -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py -k "cuda or compiled"
+step kernels $python benchmarks/bench_kernels.py --output "$results"
+step model_step $python benchmarks/bench_model_step.py --preset llama-8b --output "$results"
+echo "results in $results"
+exit $status

@@ -1,0 +1,65 @@
+"""The benchmark scripts run end to end on tiny shapes (on the CPU here) and write their tables.
+
+Timings are not asserted (a timed test would flake); what is checked is that every workload row
+is produced, with numbers, and that the files land where asked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| format")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if "---" not in line]
+
+
+def test_kernel_sweep_covers_every_format_shape_and_token_count(tmp_path, capsys):
+    _script("bench_kernels").main(["--device", "cpu", "--shapes", "128x128,64x256", "--tokens", "1,8",
+                                   "--dtype", "fp32", "--repeat", "1", "--output", str(tmp_path)])
+    rows = [r for r in _table_rows((tmp_path / "kernels.md").read_text()) if r[0] != "out x in"]
+    assert len(rows) == 2 * 2 * 5
+    assert {r[2] for r in rows} == {"dense", "nf4", "gptq", "awq", "hqq"}
+    for row in rows:
+        assert float(row[4]) > 0 and float(row[5]) > 0
+        assert row[8] == "—" if row[2] == "dense" else re.fullmatch(r"\d+%", row[8])
+    assert "machine:" in capsys.readouterr().out
+
+
+@requires("bitsandbytes")
+@requires("peft")
+def test_model_step_runs_ours_and_peft_with_gradient_checkpointing(tmp_path):
+    # A subprocess: the script spawns one process per (format, library), which must import it by path.
+    subprocess.run([sys.executable, str(BENCHMARKS / "bench_model_step.py"), "--formats", "nf4", "--hidden", "64",
+                    "--heads", "4", "--kv-heads", "2", "--vocab", "256", "--layers", "1", "--seq", "16", "--steps",
+                    "1", "--gradient-checkpointing", "--output", str(tmp_path)], check=True, cwd=tmp_path)
+    (row,) = _table_rows((tmp_path / "model_step.md").read_text())
+    assert row[0] == "nf4"
+    ours, peft = (float(v.replace(",", "")) for v in row[1:3])
+    assert ours > 0 and peft > 0
+    assert (tmp_path / "model_step.json").is_file()
+
+
+def test_the_gpu_preset_is_the_8b_shape():
+    module = _script("bench_model_step")
+    preset = module.PRESETS["llama-8b"]
+    assert (preset["hidden"], preset["intermediate"], preset["vocab"], preset["seq"]) == (4096, 14336, 128256, 2048)
+    with pytest.raises(SystemExit):
+        module.main(["--preset", "no-such-preset"])
