@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from qlora_inject import LoraConfig, inject
-from qlora_inject.bench import machine, markdown_table, median_seconds
+from qlora_inject.bench import machine, markdown_table, median_seconds, plot_bars, save_report
 from qlora_inject.quantize import quantize_model
 
 PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dense_time = median_seconds(step_of(dense), args.repeat)
     config = dict(r=16, lora_alpha=32, target_modules=PROJECTIONS, init_lora_weights=False)
-    rows = []
+    rows, ratios = [], {"qlora_inject": [], "PEFT": []}
     for fmt in args.formats.split(","):
         ours = quantize_model(copy.deepcopy(dense), fmt, skip=(), group_size=64 if fmt == "hqq" else 128)
         theirs = quantize_model(copy.deepcopy(dense), fmt, skip=(), group_size=64 if fmt == "hqq" else 128)
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         ours_time, peft_time = median_seconds(step_of(ours), args.repeat), median_seconds(step_of(theirs), args.repeat)
         rows.append([fmt, f"{ours_time * 1e3:.0f}", f"{peft_time * 1e3:.0f}", f"{dense_time * 1e3:.0f}",
                      f"{ours_time / dense_time:.2f}", f"{peft_time / dense_time:.2f}", f"{ours_time / peft_time:.2f}"])
+        ratios["qlora_inject"].append(ours_time / dense_time)
+        ratios["PEFT"].append(min(peft_time / dense_time, 5.0))             # AWQ's 150x would flatten the rest
     text = "\n".join([
         f"machine: {machine()}",
         f"workload: LlamaMLP {args.hidden}/{args.intermediate}, LoRA r=16 on gate/up/down, 2 x 128 tokens, fp32, "
@@ -70,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     ])
     print(text)
     if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "block.md").write_text(text + "\n")
+        save_report(args.output, "block", text, lambda path: plot_bars(
+            path, "Llama MLP block, forward + backward (PEFT capped at 5)", [r[0] for r in rows], ratios,
+            "time / dense block", reference=(1.0, "dense block")))
 
 
 if __name__ == "__main__":

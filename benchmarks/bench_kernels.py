@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_inject.bench import machine, markdown_table, median_seconds
+from qlora_inject.bench import machine, markdown_table, median_seconds, plot_bars, save_report
 from qlora_inject.kernels.dequant_4bit import dequantize_4bit
 from qlora_inject.kernels.dequant_gptq import dequantize_awq_gemm, dequantize_gptq
 from qlora_inject.kernels.dequant_hqq import dequantize_hqq
@@ -125,8 +125,14 @@ def main(argv: list[str] | None = None) -> None:
     ])
     print(text)
     if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "kernels.md").write_text(text + "\n")
+        most = max(int(t) for t in args.tokens.split(","))
+        shapes = list(dict.fromkeys(r[0] for r in rows))
+        series = {fmt: [float(r[9]) for r in rows if r[1] == most and r[2] == fmt and r[9] != "—"]
+                  for fmt in args.formats.split(",") if fmt != "dense"}
+        plot = None if "dense" not in args.formats.split(",") else lambda path: plot_bars(
+            path, f"fused LoRA linear, forward + backward, {most} tokens", shapes, series, "time / dense",
+            reference=(1.0, "dense"))
+        save_report(args.output, "kernels", text, plot)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from qlora_inject import LoraConfig, LoraModel
-from qlora_inject.bench import SingleLayerModel, machine, markdown_table, median_seconds
+from qlora_inject.bench import SingleLayerModel, machine, markdown_table, median_seconds, plot_bars, save_report
 from qlora_inject.kernels.lora_batched import lora_gathered, lora_looped, stack_adapters
 from qlora_inject.quantize import quantize_linear
 
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def looped() -> None:
         flat = x.reshape(-1, args.in_features)
-        layer.backend.forward(layer.base_layer, flat) + lora_looped(flat, A, B, scaling, index)
+        layer.base_output(flat) + lora_looped(flat, A, B, scaling, index)
 
     def gathered() -> None:
         flat = x.reshape(-1, args.in_features)
-        layer.backend.forward(layer.base_layer, flat) + lora_gathered(flat, A, B, scaling, index)
+        layer.base_output(flat) + lora_gathered(flat, A, B, scaling, index)
 
     def single() -> None:
         model(x)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         reference = model(x, adapter_names=per_token).reshape(args.tokens, -1)
         flat = x.reshape(-1, args.in_features)
-        check = layer.backend.forward(layer.base_layer, flat) + lora_gathered(flat, A, B, scaling, index)
+        check = layer.base_output(flat) + lora_gathered(flat, A, B, scaling, index)
         torch.testing.assert_close(check, reference, atol=1e-4, rtol=1e-4)
         times = {name: median_seconds(step, args.repeat) for name, step in
                  (("one adapter", single), ("LoraModel mixed batch", mixed), ("per-adapter loop", looped),
@@ -83,8 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     ])
     print(text)
     if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
-        (args.output / "mixed_adapters.md").write_text(text + "\n")
+        save_report(args.output, "mixed_adapters", text, lambda path: plot_bars(
+            path, f"{args.tokens} tokens over {args.adapters} adapters, {args.format}", list(times),
+            {"time / one adapter": [t / base_time for t in times.values()]}, "time / one adapter",
+            reference=(1.5, "target")))
 
 
 if __name__ == "__main__":

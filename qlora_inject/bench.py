@@ -198,32 +198,46 @@ def layer_report(workload: LayerWorkload, results: list[LayerResult]) -> str:
     ])
 
 
-def plot_layer(results: list[LayerResult], path: Path) -> None:
-    """Bar chart of time relative to the dense layer, this library vs PEFT."""
+def plot_bars(path: Path, title: str, labels: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,
+              reference: tuple[float, str] | None = None) -> None:
+    """A grouped bar chart (one group per label, one bar per series) written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r.fmt for r in results]
-    ours = [r.ours_s / r.dense_s for r in results]
-    theirs = [(r.peft_s or 0) / r.dense_s for r in results]
     figure, axis = plt.subplots(figsize=(7, 3.5))
-    positions = range(len(names))
-    axis.bar([p - 0.2 for p in positions], ours, width=0.4, label="qlora_inject")
-    axis.bar([p + 0.2 for p in positions], theirs, width=0.4, label="PEFT")
-    axis.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="dense layer")
-    axis.set_xticks(list(positions), names)
-    axis.set_ylabel("time / dense layer")
-    axis.set_title("one LoRA layer, forward + backward")
+    width = 0.8 / max(len(series), 1)
+    for i, (name, values) in enumerate(series.items()):
+        offset = (i - (len(series) - 1) / 2) * width
+        axis.bar([p + offset for p in range(len(labels))], values, width=width, label=name)
+    if reference is not None:
+        axis.axhline(reference[0], color="black", linewidth=0.8, linestyle="--", label=reference[1])
+    axis.set_xticks(list(range(len(labels))), labels)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
+def plot_layer(results: list[LayerResult], path: Path) -> None:
+    """Bar chart of time relative to the dense layer, this library vs PEFT."""
+    plot_bars(path, "one LoRA layer, forward + backward", [r.fmt for r in results],
+              {"qlora_inject": [r.ours_s / r.dense_s for r in results],
+               "PEFT": [(r.peft_s or 0) / r.dense_s for r in results]},
+              "time / dense layer", reference=(1.0, "dense layer"))
+
+
+def save_report(directory: Path, name: str, text: str, plot: Callable[[Path], None] | None = None) -> None:
+    """Write `text` as `<name>.md` into `directory` (created if needed) and, given `plot`, `<name>.png`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.md").write_text(text + "\n")
+    if plot is not None:
+        plot(directory / f"{name}.png")
+
+
 def save_layer_results(text: str, results: list[LayerResult], directory: Path) -> None:
     """Write the report as `layer.md` and its plot as `layer.png` into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "layer.md").write_text(text + "\n")
-    plot_layer(results, directory / "layer.png")
+    save_report(directory, "layer", text, lambda path: plot_layer(results, path))

@@ -187,7 +187,7 @@ class LoraLinear(nn.Module):
         fused = self._forward_fused(x)
         if fused is not None:
             return fused
-        result = self.backend.forward(self.base_layer, x)
+        result = self.base_output(x)
         if self.disable_adapters:
             return result
         if self.batch_adapters is not None:
@@ -197,51 +197,68 @@ class LoraLinear(nn.Module):
                 result = self._add_lora(result, x, name)
         return result
 
-    def _forward_fused(self, x: Tensor) -> Tensor | None:
-        """The base and every active plain-LoRA adapter as one fused op, when training allows it.
+    def base_output(self, x: Tensor) -> Tensor:
+        """The base layer's output alone: through the fused op (no adapters) where it applies, else
+        the backend's forward (the owning library's own kernel)."""
+        plan = self._fused_base(x, torch.is_grad_enabled() and x.requires_grad)
+        if plan is None:
+            return self.backend.forward(self.base_layer, x)
+        dtype, dequantize, bias, own_forward = plan
+        return fused_lora_linear(x, bias, dequantize, dtype, [], self.training, own_forward)
+
+    def _fused_base(self, x: Tensor, needs_grad: bool):
+        """How the fused op computes the base, `(dtype, dequantize, bias, own_forward)`, or None.
 
         Taken for backends marked `fused` while gradients are needed, and on CPU at inference too
-        (where our dequantization kernels beat the libraries' CPU paths); not for DoRA adapters, mixed
-        batches, a trainable base weight, or adapters computing in a dtype other than the base's.
-        Otherwise (GPU inference, where the owning library's kernels serve best) `None`, and the
-        unfused path runs.
+        (where this library's dequantization kernels beat the libraries' CPU paths); not for a
+        trainable base weight. Otherwise (GPU inference, where the owning library's kernels serve
+        best) None, and the base runs its own forward.
         """
-        if not (self.fuse and getattr(self.backend, "fused", False) and not self.disable_adapters
-                and self.batch_adapters is None):
-            return None
-        names = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
-        if not names or any(n in self.lora_magnitude_vector for n in names):
+        if not (self.fuse and getattr(self.backend, "fused", False)) or (not needs_grad and x.device.type != "cpu"):
             return None
         base = self.base_layer
-        autocast = torch.is_autocast_enabled(x.device.type)
-        # Under autocast both the base matmul and the adapters' would run in the autocast dtype.
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.backend.compute_dtype(base) or x.dtype
-        adapters = []
-        for name in names:
-            dropout = self.lora_dropout[name]
-            if not isinstance(dropout, (nn.Dropout, nn.Identity)) or (
-                    not autocast and (self.lora_compute_dtype[name] or x.dtype) != dtype):
-                return None
-            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            adapters.append((self.lora_A[name].weight, self.lora_B[name].weight, AdapterTerm(self.scaling[name], p)))
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for A, B, _ in adapters
-                                                                          for t in (A, B)))
-        if not needs_grad and x.device.type != "cpu":
-            return None
         if any(p.requires_grad for n, p in base.named_parameters() if n != "bias"):
             return None
+        # Under autocast, the base matmul (and the adapters') would run in the autocast dtype.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast else self.backend.compute_dtype(base) or x.dtype
         numel, device = self.in_features * self.out_features, x.device
 
         def dequantize() -> Tensor:
             return self.backend.dequantize(base, out=scratch(numel, dtype, device))
 
-        bias = getattr(base, "bias", None)
         own_forward = None
         if not getattr(self.backend, "exact_forward", True):                # keep the format's own forward numerics
             def own_forward(inputs: Tensor) -> Tensor:
                 return self.backend.forward(base, inputs)
-        return fused_lora_linear(x, bias if isinstance(bias, Tensor) else None, dequantize, dtype, adapters,
-                                 self.training, own_forward)
+        bias = getattr(base, "bias", None)
+        return dtype, dequantize, bias if isinstance(bias, Tensor) else None, own_forward
+
+    def _forward_fused(self, x: Tensor) -> Tensor | None:
+        """The base and every active plain-LoRA adapter as one fused op, where `_fused_base` allows it;
+        not for DoRA adapters, mixed batches, or adapters computing in a dtype other than the base's."""
+        if self.disable_adapters or self.batch_adapters is not None:
+            return None
+        names = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
+        if not names or any(n in self.lora_magnitude_vector for n in names):
+            return None
+        weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for pair in weights
+                                                                          for t in pair))
+        plan = self._fused_base(x, needs_grad)
+        if plan is None:
+            return None
+        dtype, dequantize, bias, own_forward = plan
+        autocast = torch.is_autocast_enabled(x.device.type)
+        adapters = []
+        for name, (A, B) in zip(names, weights, strict=True):
+            dropout = self.lora_dropout[name]
+            if not isinstance(dropout, (nn.Dropout, nn.Identity)) or (
+                    not autocast and (self.lora_compute_dtype[name] or x.dtype) != dtype):
+                return None
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            adapters.append((A, B, AdapterTerm(self.scaling[name], p)))
+        return fused_lora_linear(x, bias, dequantize, dtype, adapters, self.training, own_forward)
 
     def _add_lora_per_sample(self, result: Tensor, x: Tensor) -> Tensor:
         """Mixed batch: sample i gets adapter `batch_adapters[i]` (`"__base__"`: none)."""

@@ -41,6 +41,7 @@ def test_kernel_sweep_covers_every_format_shape_and_token_count(tmp_path, capsys
         assert float(row[4]) > 0 and float(row[5]) > 0
         assert row[8] == "—" if row[2] == "dense" else re.fullmatch(r"\d+%", row[8])
     assert "machine:" in capsys.readouterr().out
+    assert (tmp_path / "kernels.png").stat().st_size > 1000
 
 
 @requires("bitsandbytes")

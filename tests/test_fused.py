@@ -106,24 +106,26 @@ def test_bf16_autocast_runs_fused_in_the_autocast_dtype(fmt):
     assert model.proj.lora_A["default"].weight.grad.dtype == torch.float32
 
 
-def test_the_fused_path_steps_aside_where_it_does_not_apply(monkeypatch):
+def test_adapters_are_fused_only_where_the_fused_path_applies(monkeypatch):
     import qlora_inject.lora as lora
 
-    taken = []
-    monkeypatch.setattr(lora, "fused_lora_linear", lambda *a, **k: taken.append(1) or fused_lora_linear(*a, **k))
+    adapters_per_call = []
+    monkeypatch.setattr(lora, "fused_lora_linear",
+                        lambda *a, **k: adapters_per_call.append(len(a[4])) or fused_lora_linear(*a, **k))
     model = _wrapped("dense")
     x = torch.randn(2, IN_FEATURES)
     with torch.no_grad():
         model(x)                                                            # CPU inference: fused too
     model(x).sum().backward()
-    assert taken == [1, 1]
+    assert adapters_per_call == [1, 1]
+    adapters_per_call.clear()
     _wrapped("dense", use_dora=True)(x).sum().backward()                    # DoRA: its own path
     model.proj.set_adapter([])
     model(x)                                                                # no active adapter: the base alone
     model.proj.set_adapter(["default"])
     model.proj.batch_adapters = ["default", "__base__"]
     model(x)                                                                # mixed batch: the gathered path
-    assert taken == [1, 1]
+    assert adapters_per_call and set(adapters_per_call) == {0}              # only ever the base, on CPU
 
 
 def test_op_matches_the_formula_with_fp32_adapters_and_bf16_compute():
