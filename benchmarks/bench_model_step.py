@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_inject.bench import machine, markdown_table
+from qlora_inject.bench import machine, markdown_table, plot_bars, save_report
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -156,8 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([fmt, rate(ours), rate(theirs), ratio(theirs and theirs["seconds"], ours["seconds"]),
                      mfu(ours), mfu(theirs), f"{ours['peak_mib']:,.0f}",
                      "—" if theirs is None else f"{theirs['peak_mib']:,.0f}",
-                     ratio(ours["peak_mib"], theirs and theirs["peak_mib"])])
+                     ratio(ours["peak_mib"], theirs and theirs["peak_mib"]), f"{ours['growth_mib']:,.0f}",
+                     "—" if theirs is None else f"{theirs['growth_mib']:,.0f}"])
     memory = "peak allocated MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    growth = "training growth MiB" if not args.device.startswith("cuda") else "growth (RSS) MiB"
     text = "\n".join([
         f"machine: {machine()}",
         f"workload: Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocabulary "
@@ -166,13 +168,17 @@ def main(argv: list[str] | None = None) -> None:
         "steps after one warm-up; MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
         "",
         markdown_table(["format", "ours tokens/s", "PEFT tokens/s", "speed-up (PEFT time / ours)", "ours MFU",
-                        "PEFT MFU", f"ours {memory}", f"PEFT {memory}", "memory ours/PEFT"], rows),
+                        "PEFT MFU", f"ours {memory}", f"PEFT {memory}", "memory ours/PEFT", f"ours {growth}",
+                        f"PEFT {growth}"], rows),
     ])
     print(text)
     if args.output is not None:
-        args.output.mkdir(parents=True, exist_ok=True)
         name = f"model_step_{args.preset}" if args.preset else "model_step"
-        (args.output / f"{name}.md").write_text(text + "\n")
+        measured = [f for f in raw if raw[f]["ours"]]
+        speed = {library: [tokens / raw[f][key]["seconds"] if raw[f][key] else 0 for f in measured]
+                 for library, key in (("qlora_inject", "ours"), ("PEFT", "peft"))}
+        save_report(args.output, name, text, lambda path: plot_bars(
+            path, "one LoRA training step", measured, speed, "tokens / s"))
         (args.output / f"{name}.json").write_text(json.dumps(raw, indent=2))
 
 

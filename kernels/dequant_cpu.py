@@ -56,19 +56,19 @@ def _kernels():
                 values[k] = np.rint(values[k] * np.float32(16777216.0)) * np.float32(5.9604645e-08)
 
     @jit
-    def blockwise_4bit(packed, absmax, table, blocksize, numel, mode, out):
-        # Element i = table[code_i] · absmax[i // blocksize]; code 2j in the high nibble of byte j.
+    def blockwise_4bit(packed, absmax, pairs, blocksize, numel, mode, out):
+        # Element i = code[q_i] · absmax[i // blocksize]; byte j holds q_2j (high nibble) and q_2j+1.
+        # `pairs` is the 256 × 2 table of (code[b >> 4], code[b & 15]): one lookup row per byte.
         for block in numba.prange(absmax.shape[0]):
             scale = absmax[block]
             start = block * blocksize
             end = min(start + blocksize, numel)
-            pairs_end = start + (end - start) // 2 * 2
-            for i in range(start, pairs_end, 2):
-                byte = packed[i >> 1]
-                out[i] = table[byte >> 4] * scale
-                out[i + 1] = table[byte & 15] * scale
-            if pairs_end < end:
-                out[pairs_end] = table[packed[pairs_end >> 1] >> 4] * scale
+            for j in range(start >> 1, end >> 1):
+                byte = packed[j]
+                out[2 * j] = pairs[byte, 0] * scale
+                out[2 * j + 1] = pairs[byte, 1] * scale
+            if end & 1:                                                 # an odd last element: high nibble only
+                out[end - 1] = pairs[packed[end >> 1], 0] * scale
             round_to(out[start:end], mode)
 
     @jit
@@ -173,7 +173,7 @@ def blockwise_4bit(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, n
     twin would give after `.to(float32)`), in `dtype` otherwise.
     """
     result = _fp32_out(numel, out)
-    _kernel("blockwise_4bit")(data.numpy(), absmax.float().contiguous().numpy(), code.float().contiguous().numpy(),
+    _kernel("blockwise_4bit")(data.numpy(), absmax.float().contiguous().numpy(), _byte_pairs(code).numpy(),
                               blocksize, numel, ROUNDING[dtype], result.numpy())
     return _finish(result, dtype, out)
 
@@ -217,6 +217,24 @@ def hqq_4bit(packed: Tensor, zero: Tensor, scale: Tensor, rows: int, out: Tensor
     _kernel("hqq_4bit")(packed.contiguous().numpy(), _as_2d(zero).numpy(), _as_2d(scale).numpy(), rows,
                         result.numpy())
     return result
+
+
+_pairs_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _byte_pairs(code: Tensor) -> Tensor:
+    """(256, 2) fp32: the two code values each byte stands for (high nibble first); cached per code table."""
+    key = (code.data_ptr(), code._version, code.dtype, code.numel(), code.device)
+    cached = _pairs_cache.get(key)
+    if cached is not None and torch.equal(cached[0], code):                # a reused address is re-checked
+        return cached[1]
+    values = code.float().cpu()
+    byte = torch.arange(256)
+    pairs = torch.stack((values[byte >> 4], values[byte & 15]), dim=1).contiguous()
+    if len(_pairs_cache) > 64:                                              # code tables are few; stay small
+        _pairs_cache.clear()
+    _pairs_cache[key] = (code.detach().clone(), pairs)
+    return pairs
 
 
 def _as_2d(values: Tensor) -> Tensor:

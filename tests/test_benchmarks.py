@@ -55,7 +55,7 @@ def test_model_step_runs_ours_and_peft_with_gradient_checkpointing(tmp_path):
     assert row[0] == "nf4"
     ours, peft = (float(v.replace(",", "")) for v in row[1:3])
     assert ours > 0 and peft > 0
-    assert (tmp_path / "model_step.json").is_file()
+    assert (tmp_path / "model_step.json").is_file() and (tmp_path / "model_step.png").is_file()
 
 
 def test_the_gpu_preset_is_the_8b_shape():
