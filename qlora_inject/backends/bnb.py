@@ -7,6 +7,8 @@ by class name along the MRO (no import needed) and, for look-alikes, by their we
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import Tensor, nn
 
@@ -53,6 +55,8 @@ class Bnb4bitBackend:
     def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         _keep_canonical_layout(module)
         state = _quant_state(module)
+        if _library_kernel_is_faster(module.weight.data, state):
+            return _import_bnb().functional.dequantize_4bit(module.weight.data, state)
         absmax = state.absmax
         if state.nested:
             nested = state.state2
@@ -138,6 +142,20 @@ class Bnb8bitBackend:
         if module.bias is not None:
             new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         return new
+
+
+# Below this many bytes of dense weight, glibc's allocator reuses freed memory (larger blocks are
+# fresh mmaps, page-faulted on every write), and bitsandbytes' own CPU kernel beats ours.
+_SMALL_WEIGHT_BYTES = 32 * 2**20
+
+
+def _library_kernel_is_faster(packed: Tensor, state) -> bool:
+    """True for a small CPU layer whose rows are whole blocks, where bitsandbytes' own dequantization
+    (the same values, bit for bit) runs faster than this library's CPU kernel: measured 60 µs vs
+    155 µs at 1408 × 512, 420 µs vs 860 µs at 2048², but 11 ms vs 2.3 ms at 5632 × 2048."""
+    shape = tuple(state.shape)
+    return (packed.device.type == "cpu" and len(shape) == 2 and shape[1] % state.blocksize == 0
+            and shape[0] * shape[1] * 4 < _SMALL_WEIGHT_BYTES and importlib.util.find_spec("bitsandbytes") is not None)
 
 
 def _keep_canonical_layout(module: nn.Module) -> None:
