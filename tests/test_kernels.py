@@ -68,6 +68,7 @@ import torch
 D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
 from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise, dequantize_blockwise_8bit
 from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit_triton
+from qlora_inject.kernels.workspace import scratch
 import bitsandbytes.functional as F
 
 torch.manual_seed(0)
@@ -88,6 +89,10 @@ for shape in [(64, 128), (40, 96), (7, 200)]:
                 assert kernel.dtype == dtype, dtype
                 if dtype == torch.float32:
                     assert torch.equal(kernel, twin), (shape, quant_type, nested)
+                    buffer = scratch(twin.numel(), dtype, torch.device(D) if D == "cpu" else torch.device(D, 0))
+                    into = dequantize_4bit_triton(packed.to(D), absmax.to(D), state.code.to(D), 64,
+                                                  tuple(state.shape), dtype, out=buffer)
+                    assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), twin), "out="
                 else:   # the interpreter's bf16/fp16 casts may round the last bit differently from torch's
                     ulp = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
                     torch.testing.assert_close(kernel.float(), twin.float(), atol=1e-6, rtol=ulp)
@@ -105,6 +110,7 @@ import torch
 D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
 from qlora_inject.kernels import dequant_gptq as twin
 from qlora_inject.kernels.dequant_gptq_triton import dequantize_awq4_triton, dequantize_gptq4_triton
+from qlora_inject.kernels.workspace import scratch
 
 torch.manual_seed(0)
 for in_features, out_features, group_size in [(64, 32, 16), (96, 40, 32), (128, 64, -1)]:
@@ -129,6 +135,15 @@ for in_features, out_features, group_size in [(64, 32, 16), (96, 40, 32), (128, 
     expected = twin.dequantize_awq_gemm(qweight, qzeros, scales, 4, size, out_features, interleaved=True)
     kernel = dequantize_awq4_triton(qweight.to(D), qzeros.to(D), scales.to(D), size, out_features).cpu()
     assert torch.equal(kernel, expected), "awq"
+    buffer = scratch(expected.numel(), expected.dtype, torch.device(D) if D == "cpu" else torch.device(D, 0))
+    into = dequantize_awq4_triton(qweight.to(D), qzeros.to(D), scales.to(D), size, out_features, out=buffer)
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), expected), "awq out="
+    gptq_qweight = torch.randint(-2**31, 2**31 - 1, (in_features // 8, out_features), dtype=torch.int32)
+    g_idx = torch.arange(in_features, dtype=torch.int32) // size
+    expected = twin.dequantize_gptq(gptq_qweight, qzeros, scales, g_idx, 4, in_features, out_features)
+    into = dequantize_gptq4_triton(gptq_qweight.to(D), qzeros.to(D), scales.to(D), g_idx.to(D), in_features,
+                                   out_features, out=buffer)
+    assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), expected), "gptq out="
 print("ok")
 """
 
@@ -164,6 +179,7 @@ D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 from qlora_inject.kernels.dequant_hqq import dequantize_hqq
 from qlora_inject.kernels.dequant_hqq_triton import dequantize_hqq4_triton
+from qlora_inject.kernels.workspace import scratch
 
 torch.manual_seed(0)
 for axis in (0, 1):
@@ -176,6 +192,9 @@ for axis in (0, 1):
             kernel = dequantize_hqq4_triton(layer.W_q.to(D), meta).cpu()
             assert kernel.dtype == dtype and kernel.shape == expected.shape
             assert torch.allclose(kernel.float(), expected.float(), rtol=1e-2, atol=1e-3), (axis, group_size, dtype)
+            buffer = scratch(expected.numel(), dtype, torch.device(D) if D == "cpu" else torch.device(D, 0))
+            into = dequantize_hqq4_triton(layer.W_q.to(D), meta, out=buffer)
+            assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), kernel), "out="
 print("ok")
 """
 
