@@ -3,6 +3,7 @@
 # Llama-3.1-8B shapes, and the 8B-shaped NF4 training step against PEFT + bitsandbytes.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]          # default: benchmarks/results/gpu
+#   bash benchmarks/gpu_check.sh --smoke RESULTS_DIR    # the same steps on the CPU at tiny shapes
 #
 # Needs torch with CUDA, triton, transformers and peft. bitsandbytes (for the NF4 step and the
 # bitsandbytes CUDA tests) may come as wheels in .whl/ (see benchmarks/RESULTS.md); they are
@@ -10,7 +11,10 @@
 # is that of the first failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+smoke=0
+if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
 results=${1:-benchmarks/results/gpu}
+site=${QLORA_INJECT_SITE:-/tmp/qlora-site}
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
@@ -31,14 +35,23 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# The package itself, without touching the machine's torch: `kernels/` installs as qlora_inject.kernels.
-$python -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/qlora-site . \
-    && export PYTHONPATH=/tmp/qlora-site${PYTHONPATH:+:$PYTHONPATH}
-$python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" \
-    || exit 1
+# The package itself, laid out as pyproject.toml installs it (`kernels/` as qlora_inject.kernels),
+# without pip, a build backend or the machine's torch being touched.
+rm -rf "$site" && mkdir -p "$site" && cp -r qlora_inject "$site/" && cp -r kernels "$site/qlora_inject/kernels" \
+    && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
+if [ "$smoke" -eq 1 ]; then
+    kernel_args=(--device cpu --shapes 128x128 --tokens 1,8 --dtype fp32 --repeat 1)
+    step_args=(--formats nf4 --hidden 64 --heads 4 --kv-heads 2 --vocab 256 --layers 1 --seq 16 --steps 1
+               --gradient-checkpointing)
+else
+    $python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" \
+        || exit 1
+    kernel_args=()
+    step_args=(--preset llama-8b)
+fi
 
 step cuda_tests $python -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py -k "cuda or compiled"
-step kernels $python benchmarks/bench_kernels.py --output "$results"
-step model_step $python benchmarks/bench_model_step.py --preset llama-8b --output "$results"
+step kernels $python benchmarks/bench_kernels.py "${kernel_args[@]}" --output "$results"
+step model_step $python benchmarks/bench_model_step.py "${step_args[@]}" --output "$results"
 echo "results in $results"
 exit $status

@@ -7,6 +7,7 @@ is produced, with numbers, and that the files land where asked.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -46,16 +47,20 @@ def test_kernel_sweep_covers_every_format_shape_and_token_count(tmp_path, capsys
 
 @requires("bitsandbytes")
 @requires("peft")
-def test_model_step_runs_ours_and_peft_with_gradient_checkpointing(tmp_path):
-    # A subprocess: the script spawns one process per (format, library), which must import it by path.
-    subprocess.run([sys.executable, str(BENCHMARKS / "bench_model_step.py"), "--formats", "nf4", "--hidden", "64",
-                    "--heads", "4", "--kv-heads", "2", "--vocab", "256", "--layers", "1", "--seq", "16", "--steps",
-                    "1", "--gradient-checkpointing", "--output", str(tmp_path)], check=True, cwd=tmp_path)
-    (row,) = _table_rows((tmp_path / "model_step.md").read_text())
-    assert row[0] == "nf4"
-    ours, peft = (float(v.replace(",", "")) for v in row[1:3])
-    assert ours > 0 and peft > 0
-    assert (tmp_path / "model_step.json").is_file() and (tmp_path / "model_step.png").is_file()
+def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
+    """`gpu_check.sh --smoke`: the same steps as on a GPU (CUDA tests, kernel sweep, model step of ours
+    vs PEFT with gradient checkpointing), at tiny shapes on the CPU, from a copy of the package."""
+    env = {**os.environ, "PYTHON": sys.executable, "QLORA_INJECT_SITE": str(tmp_path / "site")}
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--smoke", str(tmp_path / "out")],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    out = tmp_path / "out"
+    assert {"cuda_tests.log", "kernels.log", "model_step.log", "kernels.md", "model_step.md"} <= {
+        p.name for p in out.iterdir()}
+    assert "skipped" in (out / "cuda_tests.log").read_text()                  # no GPU here: skipped, with reasons
+    (row,) = _table_rows((out / "model_step.md").read_text())
+    assert row[0] == "nf4" and float(row[1].replace(",", "")) > 0 and float(row[2].replace(",", "")) > 0
+    assert (tmp_path / "site" / "qlora_inject" / "kernels" / "fused_lora.py").is_file()   # laid out as installed
 
 
 def test_the_gpu_preset_is_the_8b_shape():
