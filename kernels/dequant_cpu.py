@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import torch
 from torch import Tensor
@@ -24,9 +25,23 @@ from torch import Tensor
 from qlora_inject.kernels.workspace import scratch_or_new
 
 
+@functools.cache
 def available() -> bool:
-    """True when numba can be imported (the kernels compile on first use, then come from its cache)."""
-    return importlib.util.find_spec("numba") is not None
+    """True when numba imports (the kernels compile on first use, then come from its cache).
+
+    A numba that is installed but fails to import (say, built for another numpy) is reported once
+    and the torch twins are used instead.
+    """
+    if importlib.util.find_spec("numba") is None:
+        return False                                                        # not installed: no warning
+    try:
+        import numba  # noqa: F401
+    except Exception as err:                                                # any import failure: fall back
+        warnings.warn(f"numba is installed but does not import ({err}); dequantizing on the CPU with the "
+                      "slower torch twins instead. Reinstall it: pip install --force-reinstall numba",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 @functools.cache

@@ -122,3 +122,25 @@ def test_scratch_is_shared_grows_and_is_used_by_the_kernels():
     out = scratch(8192, torch.float32, "cpu")
     weight = dequantize_4bit(packed, torch.rand(128), torch.linspace(-1, 1, 16), 64, (64, 128), torch.float32, out=out)
     assert weight.data_ptr() == out.data_ptr()
+
+
+def test_a_numba_that_does_not_import_falls_back_to_the_twins_with_a_warning(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken_numba(name, *args, **kwargs):
+        if name == "numba":
+            raise ImportError("Numba needs NumPy 2.3 or less")              # what a mismatched build says
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken_numba)
+    dequant_cpu.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="numba is installed but does not import"):
+            assert not dequant_cpu.available()
+        packed = torch.randint(0, 256, (64,), dtype=torch.uint8)
+        args = (packed, torch.rand(2), torch.linspace(-1, 1, 16), 64, (8, 16), torch.float32)
+        assert torch.equal(dequantize_4bit(*args), dequantize_4bit_blockwise(*args))
+    finally:
+        dequant_cpu.available.cache_clear()
