@@ -5,6 +5,7 @@ runs the same.)
     python benchmarks/bench_layer.py                 # 4096 -> 11008, 128 tokens, r = 16
     python benchmarks/bench_layer.py --quick         # 1024 -> 2816
     python benchmarks/bench_layer.py --output benchmarks/results
+    python benchmarks/bench_layer.py --dora --formats dense,nf4,int8,hqq,gptq,awq   # DoRA adapters
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="1024 -> 2816 instead of 4096 -> 11008")
     parser.add_argument("--formats", default=None, help="comma-separated, e.g. dense,nf4,int8")
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters (results as layer_dora.md/.png)")
     parser.add_argument("--output", type=Path, default=None, help="folder for layer.md and layer.png")
     args = parser.parse_args(argv)
     workload = QUICK if args.quick else LayerWorkload()
@@ -28,11 +30,13 @@ def main(argv: list[str] | None = None) -> None:
         workload = dataclasses.replace(workload, formats=tuple(args.formats.split(",")))
     if args.repeat:
         workload = dataclasses.replace(workload, repeat=args.repeat)
+    if args.dora:
+        workload = dataclasses.replace(workload, dora=True)
     results = run_layer_benchmark(workload)
     text = layer_report(workload, results)
     print(text)
     if args.output is not None:
-        save_layer_results(text, results, args.output)
+        save_layer_results(text, results, args.output, "layer_dora" if args.dora else "layer")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class LayerWorkload:
     r: int = 16
     repeat: int = 7
     formats: tuple[str, ...] = ("dense", "nf4", "fp4", "int8", "hqq", "gptq", "awq")
+    dora: bool = False                                                      # DoRA adapters instead of plain LoRA
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,8 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
     dense_s = median_seconds(step_of(dense), workload.repeat)
     results = []
     for fmt in (f for f in workload.formats if _available(f)):
-        config = dict(r=workload.r, lora_alpha=2 * workload.r, target_modules=["proj"], init_lora_weights=False)
+        config = dict(r=workload.r, lora_alpha=2 * workload.r, target_modules=["proj"], init_lora_weights=False,
+                      use_dora=workload.dora)
         ours = SingleLayerModel(build(fmt))
         inject(ours, LoraConfig(**config))
         ours_s = median_seconds(step_of(ours), workload.repeat)
@@ -169,8 +172,9 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
             peft.LoraModel(theirs, peft.LoraConfig(**config), "default")
             peft_s = median_seconds(step_of(theirs), workload.repeat)
             peft_saved = saved_for_backward_bytes(lambda m=theirs: m(x))
-        except (ImportError, ValueError, TypeError, RuntimeError):
-            pass                                                            # PEFT does not wrap this format here
+        except Exception as err:                   # PEFT refuses this format here, or fails running it
+            print(f"PEFT on {fmt}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+                  file=sys.stderr)
         results.append(LayerResult(fmt, ours_s, peft_s, dense_s, ours_saved, peft_saved))
     return results
 
@@ -191,7 +195,8 @@ def layer_report(workload: LayerWorkload, results: list[LayerResult]) -> str:
     return "\n".join([
         f"machine: {machine()}",
         f"workload: one linear {workload.in_features} -> {workload.out_features}, {workload.tokens} tokens, "
-        f"r={workload.r}, fp32 compute, forward + backward, median of {workload.repeat}",
+        f"r={workload.r}{', DoRA' if workload.dora else ''}, fp32 compute, forward + backward, median of "
+        f"{workload.repeat}",
         "",
         markdown_table(["format", "ours ms", "PEFT ms", "dense ms", "ours/dense", "PEFT/dense", "ours/PEFT",
                         "ours saved MiB", "PEFT saved MiB"], rows),
@@ -238,6 +243,6 @@ def save_report(directory: Path, name: str, text: str, plot: Callable[[Path], No
         plot(directory / f"{name}.png")
 
 
-def save_layer_results(text: str, results: list[LayerResult], directory: Path) -> None:
-    """Write the report as `layer.md` and its plot as `layer.png` into `directory`."""
-    save_report(directory, "layer", text, lambda path: plot_layer(results, path))
+def save_layer_results(text: str, results: list[LayerResult], directory: Path, name: str = "layer") -> None:
+    """Write the report as `<name>.md` and its plot as `<name>.png` into `directory`."""
+    save_report(directory, name, text, lambda path: plot_layer(results, path))

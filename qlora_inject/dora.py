@@ -42,8 +42,9 @@ def base_row_norm_sq(layer) -> Tensor:
 
 
 def base_without_bias(layer, x: Tensor) -> Tensor:
-    """The base's own output for `x`, minus its bias: x Wᵀ."""
-    out = layer.backend.forward(layer.base_layer, x)
+    """The base's output for `x` (`LoraLinear.base_output`: the fused op's dequantization where it
+    applies, else the module's own forward), minus its bias: x Wᵀ."""
+    out = layer.base_output(x)
     bias = getattr(layer.base_layer, "bias", None)
     return out if bias is None else out - bias.to(out.dtype)
 
