@@ -20,13 +20,20 @@ _local = threading.local()
 def scratch(numel: int, dtype: torch.dtype, device: torch.device | str) -> Tensor:
     """A 1-D tensor of at least `numel` elements, shared by every caller on this device and thread."""
     buffers: dict = _local.__dict__.setdefault("buffers", {})
-    key = (torch.device(device), dtype)
+    key = (_indexed(torch.device(device)), dtype)                          # "cuda" and "cuda:0" share one
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffers.pop(key, None)                                              # free the old one first
         buffer = torch.empty(numel, dtype=dtype, device=device)
         buffers[key] = buffer
     return buffer[:numel]
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """`device` with its index spelled out (a bare "cuda" is the current CUDA device)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def release() -> None:

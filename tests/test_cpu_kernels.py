@@ -116,7 +116,7 @@ def test_int8_rows_equal_the_formula():
 
 def test_scratch_is_shared_grows_and_is_used_by_the_kernels():
     small = scratch(10, torch.float32, "cpu")
-    again = scratch(8, torch.float32, "cpu")
+    again = scratch(8, torch.float32, torch.device("cpu"))
     assert again.data_ptr() == small.data_ptr()
     packed = torch.randint(0, 256, (4096,), dtype=torch.uint8)
     out = scratch(8192, torch.float32, "cpu")

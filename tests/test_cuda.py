@@ -61,7 +61,7 @@ def test_cuda_dequantizers_equal_the_cpu_twins_and_write_into_the_scratch(dtype)
         cuda_args = [_on("cuda", a) for a in args]
         got = dispatcher(*cuda_args)
         assert torch.equal(got.cpu(), expected), name
-        buffer = scratch(OUT * IN, dtype, torch.device("cuda", torch.cuda.current_device()))
+        buffer = scratch(OUT * IN, dtype, "cuda")
         into = dispatcher(*cuda_args, out=buffer)
         assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), expected), name
 

@@ -89,7 +89,7 @@ for shape in [(64, 128), (40, 96), (7, 200)]:
                 assert kernel.dtype == dtype, dtype
                 if dtype == torch.float32:
                     assert torch.equal(kernel, twin), (shape, quant_type, nested)
-                    buffer = scratch(twin.numel(), dtype, torch.device(D) if D == "cpu" else torch.device(D, 0))
+                    buffer = scratch(twin.numel(), dtype, D)
                     into = dequantize_4bit_triton(packed.to(D), absmax.to(D), state.code.to(D), 64,
                                                   tuple(state.shape), dtype, out=buffer)
                     assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), twin), "out="
@@ -135,7 +135,7 @@ for in_features, out_features, group_size in [(64, 32, 16), (96, 40, 32), (128, 
     expected = twin.dequantize_awq_gemm(qweight, qzeros, scales, 4, size, out_features, interleaved=True)
     kernel = dequantize_awq4_triton(qweight.to(D), qzeros.to(D), scales.to(D), size, out_features).cpu()
     assert torch.equal(kernel, expected), "awq"
-    buffer = scratch(expected.numel(), expected.dtype, torch.device(D) if D == "cpu" else torch.device(D, 0))
+    buffer = scratch(expected.numel(), expected.dtype, D)
     into = dequantize_awq4_triton(qweight.to(D), qzeros.to(D), scales.to(D), size, out_features, out=buffer)
     assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), expected), "awq out="
     gptq_qweight = torch.randint(-2**31, 2**31 - 1, (in_features // 8, out_features), dtype=torch.int32)
@@ -192,7 +192,7 @@ for axis in (0, 1):
             kernel = dequantize_hqq4_triton(layer.W_q.to(D), meta).cpu()
             assert kernel.dtype == dtype and kernel.shape == expected.shape
             assert torch.allclose(kernel.float(), expected.float(), rtol=1e-2, atol=1e-3), (axis, group_size, dtype)
-            buffer = scratch(expected.numel(), dtype, torch.device(D) if D == "cpu" else torch.device(D, 0))
+            buffer = scratch(expected.numel(), dtype, D)
             into = dequantize_hqq4_triton(layer.W_q.to(D), meta, out=buffer)
             assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), kernel), "out="
 print("ok")
