@@ -89,7 +89,7 @@ def _kernels():
     @jit
     def rowwise_int8(codes, row_scales, out):
         for row in numba.prange(codes.shape[0]):
-            factor = np.float32(row_scales[row]) / np.float32(127.0)
+            factor = np.float32(row_scales[row]) * np.float32(1.0 / 127.0)    # bitsandbytes' rounding
             for col in range(codes.shape[1]):
                 out[row, col] = np.float32(codes[row, col]) * factor
 
@@ -194,7 +194,7 @@ def blockwise_4bit(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, n
 
 
 def rowwise_int8(codes: Tensor, row_scales: Tensor, out: Tensor | None = None) -> Tensor:
-    """LLM.int8 rows: `CB · SCB / 127` as (out, in) fp32."""
+    """LLM.int8 rows: `CB · (SCB · fp32(1/127))` as (out, in) fp32, rounded as bitsandbytes' CPU training path."""
     rows, cols = codes.shape
     result = _fp32_out(rows * cols, out).view(rows, cols)
     _kernel("rowwise_int8")(codes.contiguous().numpy(), row_scales.float().contiguous().numpy(), result.numpy())

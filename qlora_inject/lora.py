@@ -25,7 +25,7 @@ from qlora_inject import dora, init_schemes
 from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
 from qlora_inject.kernels.lora_batched import lora_gathered_any, stack_adapters
 from qlora_inject.kernels.workspace import scratch
-from qlora_inject.registry import Backend, find_backend
+from qlora_inject.registry import Backend, find_backend, forward_is_exact
 
 BASE_ADAPTER = "__base__"                                                     # "no adapter" in a mixed batch
 
@@ -228,7 +228,7 @@ class LoraLinear(nn.Module):
             return self.backend.dequantize(base, out=scratch(numel, dtype, device))
 
         own_forward = None
-        if not getattr(self.backend, "exact_forward", True):                # keep the format's own forward numerics
+        if not forward_is_exact(self.backend, base, device):               # keep the format's own forward numerics
             def own_forward(inputs: Tensor) -> Tensor:
                 return self.backend.forward(base, inputs)
         bias = getattr(base, "bias", None)

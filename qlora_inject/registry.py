@@ -20,14 +20,16 @@ class Backend(Protocol):
 
     name: str
     # Optional attributes a backend may set:
-    #   exact_forward = False  when forward(x) is not x·dequantize(W)ᵀ + bias up to float rounding
-    #                          (LLM.int8 rounds activations); DoRA then reads W instead of the forward.
+    #   forward_is_exact(module, device) -> bool  False when forward(x) is not x·dequantize(W)ᵀ + bias
+    #                          up to float rounding for the module as it is now (LLM.int8 rounds
+    #                          activations, except in bitsandbytes' CPU training path); DoRA then reads
+    #                          W instead of the forward. Absent: always exact.
     #   reference_forward(module, x)  the owning library's own computation, for the layout self-check,
     #                          when `forward` is ours rather than the module's.
     #   fused = True           `dequantize` takes an `out=` scratch (it may ignore it): training then runs
     #                          the base and its plain LoRA adapters as one op (kernels/fused_lora.py),
     #                          whose forward is x·dequantize(W)ᵀ + module.bias, or `forward` itself
-    #                          when exact_forward is False, and whose backward re-dequantizes.
+    #                          when the forward is not exact, and whose backward re-dequantizes.
 
     def matches(self, module: nn.Module) -> bool:
         """True when this backend handles `module` (by class, or by its attributes)."""
@@ -135,6 +137,13 @@ def require_backend(module: nn.Module, name: str) -> Backend:
             "dequantize, forward and requantize (see qlora_inject.registry.Backend)"
         )
     return backend
+
+
+def forward_is_exact(backend: Backend, module: nn.Module, device: torch.device) -> bool:
+    """Whether `backend.forward(module, x)` for an `x` on `device` is x·dequantize(W)ᵀ + bias up to float
+    rounding (the backend's `forward_is_exact`, True where it has none)."""
+    check = getattr(backend, "forward_is_exact", None)
+    return True if check is None else bool(check(module, device))
 
 
 def class_is(module: nn.Module, class_name: str, module_prefix: str) -> bool:

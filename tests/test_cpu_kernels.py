@@ -111,7 +111,7 @@ def test_hqq_4bit_kernel_equals_the_twin(axis, rows):
 def test_int8_rows_equal_the_formula():
     codes = torch.randint(-127, 128, (33, 70), dtype=torch.int8)
     scales = torch.rand(33) * 5
-    _same(dequant_cpu.rowwise_int8(codes, scales), codes.float() * (scales[:, None] / 127.0))
+    _same(dequant_cpu.rowwise_int8(codes, scales), codes.float() * (scales[:, None] * (1.0 / 127.0)))
 
 
 def test_scratch_is_shared_grows_and_is_used_by_the_kernels():

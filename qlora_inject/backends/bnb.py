@@ -7,6 +7,8 @@ by class name along the MRO (no import needed) and, for look-alikes, by their we
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 
 import torch
@@ -91,13 +93,15 @@ class Bnb4bitBackend:
 class Bnb8bitBackend:
     """`bnb.nn.Linear8bitLt` (LLM.int8): int8 rows `CB` and row scales `SCB`, W ≈ CB·SCB/127.
 
-    The base forward is the module's own: with `threshold > 0` it routes outlier input columns
-    through a separate fp16 matmul, which dequantize-then-matmul would not reproduce.
+    Outside training, and on GPUs, bitsandbytes' forward is LLM.int8: it rounds the activations to
+    int8 and, with `threshold > 0`, routes outlier input columns through a separate fp16 matmul, which
+    dequantize-then-matmul would not reproduce, so the fused op keeps that forward. A training layer
+    on CPU (or XPU) is computed by bitsandbytes (versions with `MatMul8bitFp`) as x·(CB·(SCB·(1/127)))ᵀ + b;
+    `dequantize` rounds the same way, so there the fused op does that matmul itself.
     """
 
     name = "bnb-8bit"
-    exact_forward = False                    # LLM.int8 rounds activations: x·Wᵀ needs dequantize for exactness
-    fused = True                             # the fused op keeps this forward; its backward re-dequantizes fast
+    fused = True                             # forward: its own or x·Wᵀ (see forward_is_exact); backward re-dequantizes
 
     def matches(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
@@ -111,6 +115,13 @@ class Bnb8bitBackend:
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
         return None                                                          # follows the input
 
+    def forward_is_exact(self, module: nn.Module, device: torch.device) -> bool:
+        """True where bitsandbytes itself computes x·dequantize(W)ᵀ: unquantized (fp16) weights, or a
+        layer in training mode on CPU/XPU with a bitsandbytes that has that path."""
+        if module.weight.dtype != torch.int8:
+            return True
+        return module.training and device.type in ("cpu", "xpu") and _bnb_trains_8bit_dequantized()
+
     def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         weight = module.weight
         if weight.dtype != torch.int8:                                      # has_fp16_weights, not quantized
@@ -123,7 +134,7 @@ class Bnb8bitBackend:
             )
         if weight.device.type == "cpu" and dequant_cpu.available():
             return dequant_cpu.rowwise_int8(weight.data, scales, out)
-        return weight.data.float() * (scales.float()[:, None] / 127.0)       # (out, in) fp32
+        return weight.data.float() * (scales.float()[:, None] * (1.0 / 127.0))  # (out, in) fp32, bnb's rounding
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return module(x)
@@ -142,6 +153,16 @@ class Bnb8bitBackend:
         if module.bias is not None:
             new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         return new
+
+
+@functools.cache
+def _bnb_trains_8bit_dequantized() -> bool:
+    """Whether the installed bitsandbytes trains int8 layers on CPU/XPU as dequantize-then-matmul
+    (`MatMul8bitFp`) rather than with LLM.int8's rounded activations."""
+    try:
+        return hasattr(importlib.import_module("bitsandbytes.autograd._functions"), "MatMul8bitFp")
+    except Exception:                                                      # noqa: BLE001 - any failure: keep its forward
+        return False
 
 
 # Below this many bytes of dense weight, glibc's allocator reuses freed memory (larger blocks are
