@@ -48,9 +48,9 @@ def code_rows(meta: dict) -> int:
 def dequantize_hqq(W_q: Tensor, meta: dict, out: Tensor | None = None) -> Tensor:
     """The dense weight of shape `meta["shape"]`, in `meta["compute_dtype"]` (fp16 if absent).
 
-    The 4-bit packing with plain zero/scale runs as a Triton kernel on CUDA and, in fp32, as a numba
-    kernel on CPU; everything else as the torch twin `dequantize_hqq_torch`. `out` is an optional
-    1-D scratch the result may be written into (the result is then a view of it).
+    The 4-bit packing with plain zero/scale runs as a Triton kernel on CUDA and as a numba kernel on
+    CPU (zero and scale in the compute dtype); everything else as the torch twin `dequantize_hqq_torch`.
+    `out` is an optional 1-D scratch the result may be written into (the result is then a view of it).
     """
     plain_4bit = (meta.get("packing") == "4bit_u8" and not meta.get("quant_zero") and not meta.get("quant_scale")
                   and "zero_scale" not in meta)
@@ -58,10 +58,12 @@ def dequantize_hqq(W_q: Tensor, meta: dict, out: Tensor | None = None) -> Tensor
         from qlora_inject.kernels.dequant_hqq_triton import dequantize_hqq4_triton
 
         return dequantize_hqq4_triton(W_q, meta, out=out)
-    if (plain_4bit and W_q.device.type == "cpu" and meta.get("compute_dtype") == torch.float32
-            and meta["zero"].dtype == meta["scale"].dtype == torch.float32 and dequant_cpu.available()):
+    dtype = meta.get("compute_dtype", torch.float16)
+    if (plain_4bit and W_q.device.type == "cpu" and dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and meta["zero"].dtype == meta["scale"].dtype == dtype and dequant_cpu.available()):
         packed = W_q.view(torch.uint8) if meta.get("view_as_float") else W_q
-        return dequant_cpu.hqq_4bit(packed, meta["zero"], meta["scale"], code_rows(meta), out).view(meta["shape"])
+        return dequant_cpu.hqq_4bit(packed, meta["zero"], meta["scale"], code_rows(meta), out,
+                                    dtype).view(meta["shape"])
     return dequantize_hqq_torch(W_q, meta)
 
 

@@ -31,16 +31,23 @@ def _words(*shape: int) -> torch.Tensor:
 
 
 def test_rounding_to_fp16_and_bf16_equals_torch_casts_including_ties_subnormals_and_overflow():
-    round_to = dequant_cpu._kernels()["round_to"]
+    convert = dequant_cpu._kernels()["convert"]
     values = torch.cat([
         torch.randn(5000) * 10.0 ** torch.randint(-9, 6, (5000,)).float(),
         torch.tensor([65504.0, 65519.0, 65520.0, 70000.0, -65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 2.0**-14,
-                      1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 0.0, -0.0]),
+                      2.0**-14 - 2.0**-25, -(2.0**-24), 1e-30, 1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8,
+                      1 + 3 * 2.0**-8, 3e38, 0.0, -0.0]),
+        torch.randint(-2**31, 2**31 - 1, (5000,), dtype=torch.int32).view(torch.float32),   # every exponent
     ])
-    for mode, dtype in ((1, torch.float16), (2, torch.bfloat16)):
-        rounded = values.clone()
-        round_to(rounded.numpy(), mode)
-        assert torch.equal(rounded, values.to(dtype).float()), dtype
+    values = values[values.isfinite()]
+    for dtype, in_fp32, bits in ((torch.float16, 1, 3), (torch.bfloat16, 2, 4)):
+        expected = values.to(dtype)
+        rounded = torch.empty_like(values)
+        convert(values.numpy(), in_fp32, rounded.numpy())                      # fp32 holding the dtype's value
+        assert torch.equal(rounded.view(torch.int32), expected.float().view(torch.int32)), dtype   # -0.0 too
+        patterns = torch.empty_like(values, dtype=dtype)
+        convert(values.numpy(), bits, patterns.view(torch.int16).numpy().view("uint16"))
+        assert torch.equal(patterns.view(torch.int16), expected.view(torch.int16)), dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -56,6 +63,16 @@ def test_4bit_kernel_equals_the_twin(shape, dtype):
     into = dequantize_4bit(packed, absmax, code, 64, shape, dtype, out=scratch(numel, torch.float32, "cpu"))
     assert into.dtype == torch.float32                                      # fp32 container, the dtype's values
     _same(into, twin)
+    buffer = scratch(numel, dtype, "cpu")
+    written = dequantize_4bit(packed, absmax, code, 64, shape, dtype, out=buffer)
+    assert written.dtype == dtype and written.data_ptr() == buffer.data_ptr()   # straight into the dtype's scratch
+    _same(written, twin)
+    if dtype == torch.float32:                                             # fp32 values into a half scratch
+        for half in (torch.float16, torch.bfloat16):
+            buffer = scratch(numel, half, "cpu")
+            written = dequantize_4bit(packed, absmax, code, 64, shape, dtype, out=buffer)
+            assert written.dtype == half and written.data_ptr() == buffer.data_ptr()
+            _same(written, twin.to(half))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -75,7 +92,8 @@ def test_gptq_kernel_equals_the_twin(bits, act_order, zero_offset):
         args = (qweight, qzeros, scales, g_idx, bits, in_features, out_features, zero_offset)
         twin = dequantize_gptq_torch(*args)
         _same(dequantize_gptq(*args), twin)
-        _same(dequantize_gptq(*args, out=scratch(in_features * out_features, torch.float32, "cpu")), twin)
+        for buffer_dtype in {torch.float32, dtype}:
+            _same(dequantize_gptq(*args, out=scratch(in_features * out_features, buffer_dtype, "cpu")), twin)
 
 
 @pytest.mark.parametrize("bits, interleaved", [(4, True), (4, False), (2, False), (8, False)])
@@ -90,28 +108,36 @@ def test_awq_kernel_equals_the_twin(bits, interleaved, out_features):
         args = (qweight, qzeros, scales, bits, group_size, out_features, interleaved)
         twin = dequantize_awq_gemm_torch(*args)
         _same(dequantize_awq_gemm(*args), twin)
-        _same(dequantize_awq_gemm(*args, out=scratch(in_features * out_features, torch.float32, "cpu")), twin)
+        for buffer_dtype in {torch.float32, dtype}:
+            _same(dequantize_awq_gemm(*args, out=scratch(in_features * out_features, buffer_dtype, "cpu")), twin)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("rows", [64, 63])
-def test_hqq_4bit_kernel_equals_the_twin(axis, rows):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hqq_4bit_kernel_equals_the_twin(axis, rows, dtype):
     torch.manual_seed(axis)
     cols = 32
     packed = torch.randint(0, 256, ((rows + 1) // 2, cols), dtype=torch.uint8)
     broadcast = (rows, 1) if axis == 1 else (1, cols)
     meta = {"packing": "4bit_u8", "axis": axis, "group_size": cols if axis == 1 else rows,
-            "shape": (rows * cols // 16, 16), "compute_dtype": torch.float32,
-            "zero": torch.rand(broadcast) * 15, "scale": torch.rand(broadcast)}
+            "shape": (rows * cols // 16, 16), "compute_dtype": dtype,
+            "zero": (torch.rand(broadcast) * 15).to(dtype), "scale": torch.rand(broadcast).to(dtype)}
     twin = dequantize_hqq_torch(packed, meta)
+    assert twin.dtype == dtype
     _same(dequantize_hqq(packed, meta), twin)
-    _same(dequantize_hqq(packed, meta, out=scratch(rows * cols, torch.float32, "cpu")), twin)
+    for buffer_dtype in {torch.float32, dtype}:
+        _same(dequantize_hqq(packed, meta, out=scratch(rows * cols, buffer_dtype, "cpu")), twin)
 
 
 def test_int8_rows_equal_the_formula():
     codes = torch.randint(-127, 128, (33, 70), dtype=torch.int8)
     scales = torch.rand(33) * 5
-    _same(dequant_cpu.rowwise_int8(codes, scales), codes.float() * (scales[:, None] * (1.0 / 127.0)))
+    expected = codes.float() * (scales[:, None] * (1.0 / 127.0))
+    _same(dequant_cpu.rowwise_int8(codes, scales), expected)
+    for dtype in (torch.float16, torch.bfloat16):                        # bitsandbytes: CB.to(dtype) · factor
+        _same(dequant_cpu.rowwise_int8(codes, scales, scratch(33 * 70, dtype, "cpu"), dtype),
+              codes.to(dtype).mul_((scales * (1.0 / 127.0))[:, None]))
 
 
 def test_scratch_is_shared_grows_and_is_used_by_the_kernels():

@@ -133,7 +133,8 @@ class Bnb8bitBackend:
                 "are both None); load it through bitsandbytes/transformers so the scales are set"
             )
         if weight.device.type == "cpu" and dequant_cpu.available():
-            return dequant_cpu.rowwise_int8(weight.data, scales, out)
+            half = out is not None and out.dtype in (torch.float16, torch.bfloat16)
+            return dequant_cpu.rowwise_int8(weight.data, scales, out, out.dtype if half else torch.float32)
         return weight.data.float() * (scales.float()[:, None] * (1.0 / 127.0))  # (out, in) fp32, bnb's rounding
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:

@@ -1,0 +1,200 @@
+"""The numba kernels behind `kernels.dequant_cpu` (imported only when numba is installed).
+
+Module-level functions, so numba's on-disk cache (`cache=True`) finds them again in the next
+process: each compiles once per (argument types) and then loads in milliseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
+
+_parallel = functools.partial(numba.njit, parallel=True, cache=True, nogil=True)
+_inline = functools.partial(numba.njit, cache=True, inline="always")
+
+
+@intrinsic
+def float_bits(typingctx, value):                                       # fp32 → its uint32 bit pattern
+    return types.uint32(types.float32), lambda context, builder, sig, args: builder.bitcast(
+        args[0], ir.IntType(32))
+
+
+@intrinsic
+def bits_float(typingctx, bits):                                        # uint32 bit pattern → fp32
+    return types.float32(types.uint32), lambda context, builder, sig, args: builder.bitcast(
+        args[0], ir.FloatType())
+
+
+# The roundings below are written without branches (selects), so the loops around them vectorize.
+_U = np.uint32
+
+
+@_inline
+def half_bits(value, bf16):
+    # The fp16 (or bf16) bit pattern nearest to the fp32 `value`, ties to even, as torch's
+    # `.to(dtype)` rounds: overflow to ±inf, fp16 subnormals in steps of 2^-24.
+    u = float_bits(np.float32(value))
+    if bf16:
+        return np.uint16((u + _U(0x7FFF) + ((u >> _U(16)) & _U(1))) >> _U(16))
+    sign = (u >> _U(16)) & _U(0x8000)
+    magnitude = u & _U(0x7FFFFFFF)
+    rounded = (magnitude + _U(0xFFF) + ((magnitude >> _U(13)) & _U(1))) & _U(0xFFFFE000)
+    normal = min((rounded - _U(0x38000000)) >> _U(13), _U(0x7C00))     # rebiased; past 65504: inf (0x7C00)
+    tiny = min(bits_float(magnitude), np.float32(6.1035156e-05))          # below 2^-14: steps of 2^-24 …
+    subnormal = _U(np.rint(tiny * np.float32(16777216.0)))                # … 0 to 1024 (= 2^-14 itself)
+    return np.uint16(sign | (normal if magnitude >= _U(0x38800000) else subnormal))
+
+
+@_inline
+def round_in_fp32(value, bf16):
+    # The fp16 (or bf16) value nearest to the fp32 `value` (as torch rounds), kept as fp32.
+    u = float_bits(np.float32(value))
+    if bf16:
+        return bits_float((u + _U(0x7FFF) + ((u >> _U(16)) & _U(1))) & _U(0xFFFF0000))
+    magnitude = u & _U(0x7FFFFFFF)
+    rounded = (u + _U(0xFFF) + ((u >> _U(13)) & _U(1))) & _U(0xFFFFE000)
+    infinite = (u & _U(0x80000000)) | _U(0x7F800000)
+    normal = bits_float(infinite if (rounded & _U(0x7FFFFFFF)) > _U(0x477FE000) else rounded)
+    subnormal = np.rint(np.float32(value) * np.float32(16777216.0)) * np.float32(5.9604645e-08)
+    return normal if magnitude >= _U(0x38800000) else subnormal
+
+
+@_inline
+def put(out, k, value, mode):
+    # Store element k. mode 0: fp32 as is; 1 / 2: fp32 holding the nearest fp16 / bf16 value;
+    # 3 / 4: the fp16 / bf16 bit pattern into a uint16 view of a half-precision tensor.
+    if mode == 0:
+        out[k] = value
+    elif mode <= 2:
+        out[k] = round_in_fp32(value, mode == 2)
+    else:
+        out[k] = half_bits(value, mode == 4)
+
+
+@_inline
+def narrow(value, mode):
+    # `value` rounded to the kernel's output dtype (fp32 unchanged), as fp32: for formats whose
+    # twin rounds an intermediate result (HQQ computes in its compute dtype).
+    if mode == 0:
+        return np.float32(value)
+    return round_in_fp32(value, mode == 2 or mode == 4)
+
+
+@_parallel
+def blockwise_4bit(packed, absmax, pairs, blocksize, numel, mode, out):
+    # Element i = code[q_i] · absmax[i // blocksize]; byte j holds q_2j (high nibble) and q_2j+1.
+    # `pairs` is the 256 × 2 table of (code[b >> 4], code[b & 15]): one lookup row per byte.
+    for block in numba.prange(absmax.shape[0]):
+        scale = absmax[block]
+        start = block * blocksize
+        end = min(start + blocksize, numel)
+        for j in range(start >> 1, end >> 1):
+            byte = packed[j]
+            put(out, 2 * j, pairs[byte, 0] * scale, mode)
+            put(out, 2 * j + 1, pairs[byte, 1] * scale, mode)
+        if end & 1:                                                 # an odd last element: high nibble only
+            put(out, end - 1, pairs[packed[end >> 1], 0] * scale, mode)
+
+
+@_parallel
+def rowwise_int8(codes, row_scales, mode, out):
+    cols = codes.shape[1]
+    for row in numba.prange(codes.shape[0]):
+        factor = np.float32(row_scales[row]) * np.float32(1.0 / 127.0)    # bitsandbytes' rounding
+        dst = out[row * cols:(row + 1) * cols]                             # a row slice: indices the loop's own
+        for col in range(cols):
+            put(dst, col, np.float32(codes[row, col]) * factor, mode)
+
+
+@_parallel
+def gptq(qweight, zeros, scales, g_idx, bits, in_features, mode, out):
+    # out (in, out_features): (q[i, o] − z[g[i], o]) · s[g[i], o]; q packed along in (dim 0).
+    per_word = 32 // bits
+    mask = (1 << bits) - 1
+    out_features = qweight.shape[1]
+    for i in numba.prange(in_features):
+        group = g_idx[i]
+        word = i // per_word
+        shift = (i % per_word) * bits
+        dst = out[i * out_features:(i + 1) * out_features]
+        for o in range(out_features):
+            code = (qweight[word, o] >> shift) & mask
+            put(dst, o, np.float32(code - zeros[group, o]) * scales[group, o], mode)
+
+
+@_inline
+def _awq_row(qweight, zeros, scales, i, group, positions, bits, out_features, dst):
+    # Row i of the (in, out) weight as fp32 into dst: (q[i, o] − z[group, o]) · s[group, o].
+    per_word = 32 // bits
+    mask = (1 << bits) - 1
+    full_words = out_features // per_word
+    if per_word == 8:                                                   # 4-bit: a fixed trip count unrolls
+        for w in range(full_words):
+            word = qweight[i, w]
+            for j in range(8):
+                o = w * 8 + j
+                dst[o] = np.float32(((word >> (positions[j] * 4)) & 15) - zeros[group, o]) * scales[group, o]
+    else:
+        for w in range(full_words):
+            word = qweight[i, w]
+            for j in range(per_word):
+                o = w * per_word + j
+                code = (word >> (positions[j] * bits)) & mask
+                dst[o] = np.float32(code - zeros[group, o]) * scales[group, o]
+    for o in range(full_words * per_word, out_features):                # a partly used last word
+        code = (qweight[i, full_words] >> (positions[o % per_word] * bits)) & mask
+        dst[o] = np.float32(code - zeros[group, o]) * scales[group, o]
+
+
+@_parallel
+def awq(qweight, zeros, scales, group_size, positions, bits, out_features, mode, out):
+    # out (in, out_features): (q[i, o] − z[i // g, o]) · s[i // g, o]; q packed along out (dim 1).
+    # The word loop's scattered stores vectorize only without the rounding in them: a row is made in
+    # fp32 first, then rounded (or turned into half-precision bits) in a second, contiguous pass.
+    for i in numba.prange(qweight.shape[0]):
+        dst = out[i * out_features:(i + 1) * out_features]
+        if mode == 0:
+            _awq_row(qweight, zeros, scales, i, i // group_size, positions, bits, out_features, dst)
+        else:
+            row = np.empty(out_features, np.float32)
+            _awq_row(qweight, zeros, scales, i, i // group_size, positions, bits, out_features, row)
+            for o in range(out_features):
+                put(dst, o, row[o], mode)
+
+
+@_parallel
+def hqq_4bit(packed, zero, scale, rows, mode, out):
+    # Code row r is the high nibble of packed row r (r < half) or the low nibble of row r − half.
+    # In a half-precision compute dtype hqq rounds twice, (code − zero) and then · scale: so do we.
+    half = packed.shape[0]
+    cols = packed.shape[1]
+    zero_rows = 1 if zero.shape[0] > 1 else 0                           # broadcast strides: 1, or 0
+    zero_cols = 1 if zero.shape[1] > 1 else 0
+    scale_rows = 1 if scale.shape[0] > 1 else 0
+    scale_cols = 1 if scale.shape[1] > 1 else 0
+    for r in numba.prange(rows):
+        source = r % half
+        shift = 4 if r < half else 0
+        dst = out[r * cols:(r + 1) * cols]
+        if zero_cols == 0 and scale_cols == 0:                      # axis 1: one zero/scale per row
+            z = zero[r * zero_rows, 0]
+            s = scale[r * scale_rows, 0]
+            for c in range(cols):
+                put(dst, c, narrow(np.float32((packed[source, c] >> shift) & 15) - z, mode) * s, mode)
+        else:
+            for c in range(cols):
+                code = np.float32((packed[source, c] >> shift) & 15)
+                shifted = narrow(code - zero[r * zero_rows, c * zero_cols], mode)
+                put(dst, c, shifted * scale[r * scale_rows, c * scale_cols], mode)
+
+
+@numba.njit(cache=True)
+def convert(values, mode, out):
+    # `put` over an array: for the rounding tests.
+    for k in range(values.shape[0]):
+        put(out, k, values[k], mode)
