@@ -5,10 +5,12 @@ writing a tensor as large as the dense weight; on a CPU that costs 100–200 ms 
 layer, more than the layer's matmul. These kernels make one parallel pass that writes each fp32
 element once (NF4 about 7 ms there, bitsandbytes' own C++ about 40 ms).
 
-Every kernel computes exactly what its twin computes, in fp32, so the results are bit-identical:
-the twins stay the oracle (tests compare the two), and the dispatchers in `dequant_4bit`,
-`dequant_gptq` and `dequant_hqq` pick these on CPU when numba is installed. Outputs go into a
-caller-given fp32 scratch (the shared workspace of `kernels.workspace`) or a new tensor.
+Every kernel computes exactly what its twin computes, in fp32, and rounds to fp16/bf16 as torch
+does (ties to even), so the results are bit-identical: the twins stay the oracle (tests compare
+the two), and the dispatchers in `dequant_4bit`, `dequant_gptq` and `dequant_hqq` pick these on CPU
+when numba is installed. Outputs go into a caller-given scratch (the shared workspace of
+`kernels.workspace`), fp32 or the half-precision compute dtype itself (written as bit patterns,
+with no fp32 copy), or a new tensor. The numba code is in `dequant_cpu_numba`.
 Layouts follow the packing: NF4/FP4, int8 and HQQ write (out, in) row-major; GPTQ and AWQ, which
 pack along out_features, write (in, out) and the dispatcher returns its transpose (a view).
 """
