@@ -6,7 +6,7 @@ to the format by its own library, LoRA r = 16 on all seven projections, AdamW. E
 library) pair runs in a fresh process, so its peak memory is its own: resident memory on CPU,
 `torch.cuda.max_memory_allocated` on a GPU.
 
-    python benchmarks/bench_model_step.py                       # CPU: 4 layers, hidden 512, 2 x 128, fp32
+    python benchmarks/bench_model_step.py                       # CPU: 4 layers, hidden 512, 2 x 128, fp32 and bf16
     python benchmarks/bench_model_step.py --formats nf4 --steps 3
     python benchmarks/bench_model_step.py --preset llama-8b     # GPU: 8B-shaped NF4, 2 x 2048, bf16,
                                                                 # gradient checkpointing (4 of its 32 layers)
@@ -42,7 +42,7 @@ def linear_parameters(args) -> int:
     return args.layers * (attention + 3 * args.hidden * args.intermediate) + args.hidden * args.vocab
 
 
-def one_run(fmt: str, library: str, args, queue) -> None:
+def one_run(fmt: str, library: str, dtype_name: str, args, queue) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
@@ -53,7 +53,7 @@ def one_run(fmt: str, library: str, args, queue) -> None:
 
     quiet_transformers()
     torch.manual_seed(0)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), DTYPES[dtype_name]
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.kv_heads, max_position_embeddings=2 * args.seq)
@@ -101,10 +101,10 @@ def one_run(fmt: str, library: str, args, queue) -> None:
                "growth_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before / 1024})
 
 
-def measure(fmt: str, library: str, args) -> dict | None:
+def measure(fmt: str, library: str, dtype_name: str, args) -> dict | None:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=one_run, args=(fmt, library, args, queue))
+    process = context.Process(target=one_run, args=(fmt, library, dtype_name, args, queue))
     process.start()
     process.join()
     return queue.get() if not queue.empty() else None
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="fp32,bf16", help=f"comma-separated, of {', '.join(DTYPES)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--output", type=Path, default=None)
@@ -132,13 +132,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.set_defaults(**PRESETS[args.preset])
         args = parser.parse_args(argv)                                  # explicit flags still win
     args.intermediate = args.intermediate or args.hidden * 11 // 4 // 64 * 64
+    dtypes = args.dtype.split(",")
+    for name in dtypes:
+        if name not in DTYPES:
+            parser.error(f"--dtype {name!r} is not one of {', '.join(DTYPES)}")
     rows, raw = [], {}
     tokens = args.batch * args.seq
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if args.device.startswith("cuda")
                        and k in torch.cuda.get_device_name()), None)
-    for fmt in args.formats.split(","):
-        ours, theirs = measure(fmt, "ours", args), measure(fmt, "peft", args)
-        raw[fmt] = {"ours": ours, "peft": theirs}
+    for fmt, dtype_name in ((f, d) for d in dtypes for f in args.formats.split(",")):
+        ours, theirs = measure(fmt, "ours", dtype_name, args), measure(fmt, "peft", dtype_name, args)
+        key = fmt if len(dtypes) == 1 else f"{fmt} {dtype_name}"
+        raw[key] = {"ours": ours, "peft": theirs}
         if ours is None:
             continue
 
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         def ratio(a: float | None, b: float | None) -> str:
             return "—" if a is None or b is None else f"{a / b:.2f}"
 
-        rows.append([fmt, rate(ours), rate(theirs), ratio(theirs and theirs["seconds"], ours["seconds"]),
+        rows.append([fmt, dtype_name, rate(ours), rate(theirs), ratio(theirs and theirs["seconds"], ours["seconds"]),
                      mfu(ours), mfu(theirs), f"{ours['peak_mib']:,.0f}",
                      "—" if theirs is None else f"{theirs['peak_mib']:,.0f}",
                      ratio(ours["peak_mib"], theirs and theirs["peak_mib"]), f"{ours['growth_mib']:,.0f}",
@@ -163,11 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join([
         f"machine: {machine()}",
         f"workload: Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocabulary "
-        f"{args.vocab}, LoRA r=16 on 7 projections, AdamW, batch {args.batch} x {args.seq} tokens, {args.dtype} on "
+        f"{args.vocab}, LoRA r=16 on 7 projections, AdamW, batch {args.batch} x {args.seq} tokens, "
+        f"{' and '.join(dtypes)} on "
         f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}, median of {args.steps} "
         "steps after one warm-up; MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
         "",
-        markdown_table(["format", "ours tokens/s", "PEFT tokens/s", "speed-up (PEFT time / ours)", "ours MFU",
+        markdown_table(["format", "dtype", "ours tokens/s", "PEFT tokens/s", "speed-up (PEFT time / ours)", "ours MFU",
                         "PEFT MFU", f"ours {memory}", f"PEFT {memory}", "memory ours/PEFT", f"ours {growth}",
                         f"PEFT {growth}"], rows),
     ])

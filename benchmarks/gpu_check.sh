@@ -41,7 +41,7 @@ rm -rf "$site" && mkdir -p "$site" && cp -r qlora_inject "$site/" && cp -r kerne
     && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 if [ "$smoke" -eq 1 ]; then
     kernel_args=(--device cpu --shapes 128x128 --tokens 1,8 --dtype fp32 --repeat 1)
-    step_args=(--formats nf4 --hidden 64 --heads 4 --kv-heads 2 --vocab 256 --layers 1 --seq 16 --steps 1
+    step_args=(--formats nf4 --dtype bf16 --hidden 64 --heads 4 --kv-heads 2 --vocab 256 --layers 1 --seq 16 --steps 1
                --gradient-checkpointing)
 else
     $python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" \

@@ -76,15 +76,6 @@ def put(out, k, value, mode):
         out[k] = half_bits(value, mode == 4)
 
 
-@_inline
-def narrow(value, mode):
-    # `value` rounded to the kernel's output dtype (fp32 unchanged), as fp32: for formats whose
-    # twin rounds an intermediate result (HQQ computes in its compute dtype).
-    if mode == 0:
-        return np.float32(value)
-    return round_in_fp32(value, mode == 2 or mode == 4)
-
-
 @_parallel
 def blockwise_4bit(packed, absmax, pairs, blocksize, numel, mode, out):
     # Element i = code[q_i] · absmax[i // blocksize]; byte j holds q_2j (high nibble) and q_2j+1.
@@ -167,30 +158,43 @@ def awq(qweight, zeros, scales, group_size, positions, bits, out_features, mode,
                 put(dst, o, row[o], mode)
 
 
+@_inline
+def _hqq_row(packed, zero, scale, r, mode, rounds, bf16, dst):
+    # Row r of the code matrix into dst. `rounds` and `bf16` are constants at each call site, so
+    # the rounding of (code − zero) compiles to straight-line code (a runtime test there would keep
+    # the loop from vectorizing).
+    half = packed.shape[0]
+    source = r % half
+    shift = 4 if r < half else 0
+    zero_row = r * (1 if zero.shape[0] > 1 else 0)                          # broadcast: one row, or one per row
+    scale_row = r * (1 if scale.shape[0] > 1 else 0)                        # (r may be unsigned: no `r if … else 0`)
+    if zero.shape[1] == 1 and scale.shape[1] == 1:                      # axis 1: one zero/scale per row
+        z = zero[zero_row, 0]
+        s = scale[scale_row, 0]
+        for c in range(packed.shape[1]):
+            shifted = np.float32((packed[source, c] >> shift) & 15) - z
+            put(dst, c, (round_in_fp32(shifted, bf16) if rounds else shifted) * s, mode)
+    else:
+        zero_cols = 1 if zero.shape[1] > 1 else 0                         # broadcast strides: 1, or 0
+        scale_cols = 1 if scale.shape[1] > 1 else 0
+        for c in range(packed.shape[1]):
+            shifted = np.float32((packed[source, c] >> shift) & 15) - zero[zero_row, c * zero_cols]
+            put(dst, c, (round_in_fp32(shifted, bf16) if rounds else shifted) * scale[scale_row, c * scale_cols], mode)
+
+
 @_parallel
 def hqq_4bit(packed, zero, scale, rows, mode, out):
     # Code row r is the high nibble of packed row r (r < half) or the low nibble of row r − half.
     # In a half-precision compute dtype hqq rounds twice, (code − zero) and then · scale: so do we.
-    half = packed.shape[0]
     cols = packed.shape[1]
-    zero_rows = 1 if zero.shape[0] > 1 else 0                           # broadcast strides: 1, or 0
-    zero_cols = 1 if zero.shape[1] > 1 else 0
-    scale_rows = 1 if scale.shape[0] > 1 else 0
-    scale_cols = 1 if scale.shape[1] > 1 else 0
     for r in numba.prange(rows):
-        source = r % half
-        shift = 4 if r < half else 0
         dst = out[r * cols:(r + 1) * cols]
-        if zero_cols == 0 and scale_cols == 0:                      # axis 1: one zero/scale per row
-            z = zero[r * zero_rows, 0]
-            s = scale[r * scale_rows, 0]
-            for c in range(cols):
-                put(dst, c, narrow(np.float32((packed[source, c] >> shift) & 15) - z, mode) * s, mode)
+        if mode == 0:
+            _hqq_row(packed, zero, scale, r, mode, False, False, dst)
+        elif mode == 2 or mode == 4:
+            _hqq_row(packed, zero, scale, r, mode, True, True, dst)
         else:
-            for c in range(cols):
-                code = np.float32((packed[source, c] >> shift) & 15)
-                shifted = narrow(code - zero[r * zero_rows, c * zero_cols], mode)
-                put(dst, c, shifted * scale[r * scale_rows, c * scale_cols], mode)
+            _hqq_row(packed, zero, scale, r, mode, True, False, dst)
 
 
 @numba.njit(cache=True)

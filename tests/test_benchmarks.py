@@ -59,7 +59,7 @@ def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
         p.name for p in out.iterdir()}
     assert "skipped" in (out / "cuda_tests.log").read_text()                  # no GPU here: skipped, with reasons
     (row,) = _table_rows((out / "model_step.md").read_text())
-    assert row[0] == "nf4" and float(row[1].replace(",", "")) > 0 and float(row[2].replace(",", "")) > 0
+    assert row[:2] == ["nf4", "bf16"] and float(row[2].replace(",", "")) > 0 and float(row[3].replace(",", "")) > 0
     assert (tmp_path / "site" / "qlora_inject" / "kernels" / "fused_lora.py").is_file()   # laid out as installed
 
 
