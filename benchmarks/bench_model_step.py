@@ -2,9 +2,11 @@
 against PEFT over the very same quantized model?
 
 A Llama-architecture model built from a config (random weights), every linear but the head quantized
-to the format by its own library, LoRA r = 16 on all seven projections, AdamW. Each (format,
-library) pair runs in a fresh process, so its peak memory is its own: resident memory on CPU,
-`torch.cuda.max_memory_allocated` on a GPU.
+to the format by its own library, LoRA r = 16 on all seven projections, AdamW. Speed: both
+libraries' models live in one process and their steps alternate, so both see the same machine
+(separate runs on a shared CPU drift by 10 % and more). Memory: each (format, library) pair trains
+in a fresh process, so its peak is its own: resident memory on CPU, `torch.cuda.max_memory_allocated`
+on a GPU.
 
     python benchmarks/bench_model_step.py                       # CPU: 4 layers, hidden 512, 2 x 128, fp32 and bf16
     python benchmarks/bench_model_step.py --formats nf4 --steps 3
@@ -20,6 +22,7 @@ import multiprocessing
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,7 +45,8 @@ def linear_parameters(args) -> int:
     return args.layers * (attention + 3 * args.hidden * args.intermediate) + args.hidden * args.vocab
 
 
-def one_run(fmt: str, library: str, dtype_name: str, args, queue) -> None:
+def build(fmt: str, library: str, dtype_name: str, args) -> Callable[[], None]:
+    """One training step (forward, backward, AdamW) of a fresh model wrapped by `library`."""
     import warnings
 
     warnings.simplefilter("ignore")
@@ -77,34 +81,65 @@ def one_run(fmt: str, library: str, dtype_name: str, args, queue) -> None:
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
-    cuda = device.type == "cuda"
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for step in range(args.steps + 1):                                # the first step is warm-up
-        if cuda:
-            torch.cuda.synchronize()
-            if step == 1:
-                torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+
+    def step() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        if step:
-            times.append(time.perf_counter() - start)
+    return step
+
+
+def timed(step: Callable[[], None], cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def memory_run(fmt: str, library: str, dtype_name: str, args, queue) -> None:
+    """Peak memory of one library's training (a process of its own, so the peak is its own)."""
+    cuda = args.device.startswith("cuda")
+    step = build(fmt, library, dtype_name, args)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()                                                              # warm-up
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        timed(step, cuda)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put({"seconds": statistics.median(times), "peak_mib": peak,
-               "growth_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before / 1024})
+    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    queue.put({"peak_mib": peak, "growth_mib": growth})
 
 
-def measure(fmt: str, library: str, dtype_name: str, args) -> dict | None:
+def speed_run(fmt: str, dtype_name: str, args, queue) -> None:
+    """Step time of both libraries in one process, their steps interleaved (ours, PEFT, ours, …) so
+    that both see the same machine: on a shared CPU, separate runs drift by 10 % and more."""
+    cuda = args.device.startswith("cuda")
+    steps = {"ours": build(fmt, "ours", dtype_name, args)}
+    try:
+        steps["peft"] = build(fmt, "peft", dtype_name, args)
+        steps["peft"]()                                                 # warm-up (and: does PEFT run it?)
+    except Exception as err:                                           # PEFT cannot wrap or run this format
+        print(f"PEFT on {fmt} {dtype_name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        steps.pop("peft", None)
+    steps["ours"]()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.steps):
+        for name, step in steps.items():
+            times[name].append(timed(step, cuda))
+    queue.put({name: statistics.median(values) for name, values in times.items()})
+
+
+def in_process(target, *args_) -> dict | None:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=one_run, args=(fmt, library, dtype_name, args, queue))
+    process = context.Process(target=target, args=args_ + (queue,))
     process.start()
     process.join()
     return queue.get() if not queue.empty() else None
@@ -141,7 +176,15 @@ def main(argv: list[str] | None = None) -> None:
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if args.device.startswith("cuda")
                        and k in torch.cuda.get_device_name()), None)
     for fmt, dtype_name in ((f, d) for d in dtypes for f in args.formats.split(",")):
-        ours, theirs = measure(fmt, "ours", dtype_name, args), measure(fmt, "peft", dtype_name, args)
+        speed = in_process(speed_run, fmt, dtype_name, args) or {}
+        ours = theirs = None
+        if "ours" in speed:
+            ours = in_process(memory_run, fmt, "ours", dtype_name, args)
+        if "peft" in speed:
+            theirs = in_process(memory_run, fmt, "peft", dtype_name, args)
+        for result, library in ((ours, "ours"), (theirs, "peft")):
+            if result is not None:
+                result["seconds"] = speed[library]
         key = fmt if len(dtypes) == 1 else f"{fmt} {dtype_name}"
         raw[key] = {"ours": ours, "peft": theirs}
         if ours is None:
@@ -170,8 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         f"workload: Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocabulary "
         f"{args.vocab}, LoRA r=16 on 7 projections, AdamW, batch {args.batch} x {args.seq} tokens, "
         f"{' and '.join(dtypes)} on "
-        f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}, median of {args.steps} "
-        "steps after one warm-up; MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
+        f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; speed: both libraries in "
+        f"one process, steps interleaved, median of {args.steps} each after one warm-up; memory: one process per "
+        "library; MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
         "",
         markdown_table(["format", "dtype", "ours tokens/s", "PEFT tokens/s", "speed-up (PEFT time / ours)", "ours MFU",
                         "PEFT MFU", f"ours {memory}", f"PEFT {memory}", "memory ours/PEFT", f"ours {growth}",
