@@ -82,8 +82,13 @@ def build(fmt: str, library: str, dtype_name: str, args) -> Callable[[], None]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)).to(device)
 
+    chunked = library == "ours" and args.loss == "chunked"
+    if chunked:
+        from qlora_inject import causal_lm_loss
+
     def step() -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = causal_lm_loss(model, ids) if chunked else model(input_ids=ids, labels=ids).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
@@ -160,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="fp32,bf16", help=f"comma-separated, of {', '.join(DTYPES)}")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--loss", choices=("chunked", "model"), default="chunked",
+                        help="ours: this library's chunked causal_lm_loss (as `qlora-inject train` uses) or the "
+                             "model's own loss; PEFT always uses the model's own")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -213,9 +221,10 @@ def main(argv: list[str] | None = None) -> None:
         f"workload: Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocabulary "
         f"{args.vocab}, LoRA r=16 on 7 projections, AdamW, batch {args.batch} x {args.seq} tokens, "
         f"{' and '.join(dtypes)} on "
-        f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; speed: both libraries in "
-        f"one process, steps interleaved, median of {args.steps} each after one warm-up; memory: one process per "
-        "library; MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
+        f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; loss: ours "
+        f"{'causal_lm_loss (chunked)' if args.loss == 'chunked' else 'the model'}, PEFT the model; speed: both "
+        f"libraries in one process, steps interleaved, median of {args.steps} each after one warm-up; memory: one "
+        "process per library; MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
         "",
         markdown_table(["format", "dtype", "ours tokens/s", "PEFT tokens/s", "speed-up (PEFT time / ours)", "ours MFU",
                         "PEFT MFU", f"ours {memory}", f"PEFT {memory}", "memory ours/PEFT", f"ours {growth}",

@@ -19,6 +19,7 @@ from qlora_inject.inject import (
     set_active_adapters,
 )
 from qlora_inject.lora import AdapterSpec, LoraLinear
+from qlora_inject.loss import causal_lm_loss, linear_cross_entropy
 from qlora_inject.model import LoraModel
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
 from qlora_inject.registry import (
@@ -47,12 +48,14 @@ __all__ = [
     "WrappedModule",
     "adapter_names",
     "backend_names",
+    "causal_lm_loss",
     "delete_adapter",
     "explain",
     "find_backend",
     "freeze_base",
     "get_backend",
     "inject",
+    "linear_cross_entropy",
     "read_adapter",
     "register_backend",
     "save_adapter",

@@ -196,6 +196,7 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
     """Run one training job; return the per-step losses."""
     from qlora_inject import LoraConfig, LoraModel
     from qlora_inject.adapter_io import check_and_copy, read_adapter
+    from qlora_inject.loss import causal_lm_loss, why_not_chunked
 
     _check(options)
     checkpoint = latest_checkpoint(options.output) if options.resume else None
@@ -238,13 +239,23 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
         log(f"resumed from {checkpoint} at step {start}")
     device = next(p.device for p in lora_model.parameters() if p.requires_grad)
 
+    reason = why_not_chunked(lora_model)
+    if reason is None:
+        def loss_of(batch: torch.Tensor) -> torch.Tensor:                 # no full (tokens × vocabulary) logits
+            return causal_lm_loss(lora_model, batch)
+    else:
+        log(f"loss: the model's own ({reason})")
+
+        def loss_of(batch: torch.Tensor) -> torch.Tensor:
+            return lora_model(input_ids=batch, labels=batch).loss
+
     lora_model.train()
     began, seen = time.perf_counter(), 0
     bar = _progress(range(start, options.steps), options.progress, start, options.steps)
     for step in bar:
         offsets = torch.randint(0, len(tokens) - options.seq_len - 1, (options.batch_size,), generator=generator)
         batch = torch.stack([tokens[o:o + options.seq_len] for o in offsets.tolist()]).to(device)
-        loss = lora_model(input_ids=batch, labels=batch).loss
+        loss = loss_of(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
