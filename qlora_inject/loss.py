@@ -28,24 +28,27 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Σ cross_entropy(h · Wᵀ + b, y) over rows, chunk by chunk; returns the sum (fp32 scalar)."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk: int,
+                with_grads: bool) -> Tensor:
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         with torch.autocast(device, enabled=False):                          # the head's dtype, as under autocast
             head_weight = weight.to(dtype)
             head_bias = None if bias is None else bias.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_hidden = torch.empty_like(hidden)
-            needs_weight = ctx.needs_input_grad[1]
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+            grad_hidden = torch.empty_like(hidden) if with_grads else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if (
+                with_grads and ctx.needs_input_grad[1]) else None
             grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if (
-                bias is not None and ctx.needs_input_grad[2]) else None
+                with_grads and bias is not None and ctx.needs_input_grad[2]) else None
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(dtype)
                 y = targets[start:start + chunk]
                 logits = F.linear(h, head_weight, head_bias).float()          # (chunk, vocab): the head's rounding
                 lse = torch.logsumexp(logits, dim=-1)
                 total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if grad_hidden is None:                                       # no_grad / eval: the loss alone
+                    continue
                 grad_logits = logits.sub_(lse[:, None]).exp_()               # softmax, in place of the logits
                 grad_logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 grad_logits = grad_logits.to(dtype)                          # as autograd casts it back to the head's
@@ -54,7 +57,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(grad_logits.t().float(), h.float())
                 if grad_bias is not None:
                     grad_bias += grad_logits.float().sum(0)
-        ctx.save_for_backward(grad_hidden, *(g for g in (grad_weight, grad_bias) if g is not None))
+        if grad_hidden is not None:
+            ctx.save_for_backward(grad_hidden, *(g for g in (grad_weight, grad_bias) if g is not None))
         ctx.has = (grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -66,7 +70,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = grad_total.float()
         grad_weight = next(stored).mul(scale).to(ctx.dtypes[0]) if ctx.has[0] else None
         grad_bias = next(stored).mul(scale).to(ctx.dtypes[1]) if ctx.has[1] else None
-        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight, grad_bias, None, None
+        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight, grad_bias, None, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor,
@@ -81,7 +85,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     count = keep.sum()
     if not bool(keep.all()):
         hidden, targets = hidden[keep], targets[keep]
-    total = LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+    # needs_input_grad stays True under no_grad, so whether a backward can come is decided here: an
+    # evaluation pass then costs one matmul per chunk instead of two or three.
+    with_grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    total = LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, with_grads)
     return total / count.clamp_min(1)
 
 

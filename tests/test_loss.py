@@ -92,6 +92,27 @@ def test_never_keeps_the_logits_for_backward():
     torch.testing.assert_close(got, nn.functional.cross_entropy(head(h), targets))
 
 
+def test_without_grad_it_computes_the_loss_alone():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vocab, hidden, tokens = 300, 16, 40
+    head = nn.Linear(hidden, vocab, bias=False)
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+
+    def flops(grad: bool) -> tuple[int, torch.Tensor]:
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as counter:
+            loss = linear_cross_entropy(h, head.weight, None, targets, chunk=16)
+        return counter.get_total_flops(), loss
+
+    (training, expected), (evaluating, got) = flops(True), flops(False)
+    head_matmul = 2 * tokens * hidden * vocab
+    assert evaluating == head_matmul                                         # the logits, nothing more
+    assert training >= 2 * head_matmul                                       # + dh (and dW), made in the forward
+    assert not got.requires_grad
+    torch.testing.assert_close(got, expected.detach())
+
+
 def test_bias_gradient_and_all_ignored_tokens():
     head = nn.Linear(8, 11)
     h = torch.randn(10, 8, requires_grad=True)
