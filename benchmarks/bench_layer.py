@@ -6,6 +6,7 @@ runs the same.)
     python benchmarks/bench_layer.py --quick         # 1024 -> 2816
     python benchmarks/bench_layer.py --output benchmarks/results
     python benchmarks/bench_layer.py --dora --formats dense,nf4,int8,hqq,gptq,awq   # DoRA adapters
+    python benchmarks/bench_layer.py --dropout 0.05  # lora_dropout as in the seed script (layer_dropout.md)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--formats", default=None, help="comma-separated, e.g. dense,nf4,int8")
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument("--dora", action="store_true", help="DoRA adapters (results as layer_dora.md/.png)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (results as layer_dropout.md/.png)")
     parser.add_argument("--output", type=Path, default=None, help="folder for layer.md and layer.png")
     args = parser.parse_args(argv)
     workload = QUICK if args.quick else LayerWorkload()
@@ -32,11 +34,14 @@ def main(argv: list[str] | None = None) -> None:
         workload = dataclasses.replace(workload, repeat=args.repeat)
     if args.dora:
         workload = dataclasses.replace(workload, dora=True)
+    if args.dropout:
+        workload = dataclasses.replace(workload, dropout=args.dropout)
     results = run_layer_benchmark(workload)
     text = layer_report(workload, results)
     print(text)
     if args.output is not None:
-        save_layer_results(text, results, args.output, "layer_dora" if args.dora else "layer")
+        name = "layer" + ("_dora" if args.dora else "") + ("_dropout" if args.dropout else "")
+        save_layer_results(text, results, args.output, name)
 
 
 if __name__ == "__main__":

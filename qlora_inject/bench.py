@@ -35,6 +35,7 @@ class LayerWorkload:
     repeat: int = 7
     formats: tuple[str, ...] = ("dense", "nf4", "fp4", "int8", "hqq", "gptq", "awq")
     dora: bool = False                                                      # DoRA adapters instead of plain LoRA
+    dropout: float = 0.0                                                    # lora_dropout (the seed script: 0.05)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
     results = []
     for fmt in (f for f in workload.formats if _available(f)):
         config = dict(r=workload.r, lora_alpha=2 * workload.r, target_modules=["proj"], init_lora_weights=False,
-                      use_dora=workload.dora)
+                      use_dora=workload.dora, lora_dropout=workload.dropout)
         ours = SingleLayerModel(build(fmt))
         inject(ours, LoraConfig(**config))
         ours_s = median_seconds(step_of(ours), workload.repeat)
@@ -195,8 +196,9 @@ def layer_report(workload: LayerWorkload, results: list[LayerResult]) -> str:
     return "\n".join([
         f"machine: {machine()}",
         f"workload: one linear {workload.in_features} -> {workload.out_features}, {workload.tokens} tokens, "
-        f"r={workload.r}{', DoRA' if workload.dora else ''}, fp32 compute, forward + backward, median of "
-        f"{workload.repeat}",
+        f"r={workload.r}{', DoRA' if workload.dora else ''}"
+        f"{f', lora_dropout={workload.dropout:g}' if workload.dropout else ''}, fp32 compute, forward + backward, "
+        f"median of {workload.repeat}",
         "",
         markdown_table(["format", "ours ms", "PEFT ms", "dense ms", "ours/dense", "PEFT/dense", "ours/PEFT",
                         "ours saved MiB", "PEFT saved MiB"], rows),

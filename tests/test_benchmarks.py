@@ -73,19 +73,21 @@ def test_the_gpu_preset_is_the_8b_shape():
 
 @requires("bitsandbytes")
 @requires("peft")
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_layer_benchmark_measures_ours_peft_and_dense(tmp_path, dora):
+@pytest.mark.parametrize("dora, dropout", [(False, 0.0), (True, 0.0), (False, 0.05)],
+                         ids=["lora", "dora", "dropout"])
+def test_layer_benchmark_measures_ours_peft_and_dense(tmp_path, dora, dropout):
     from qlora_inject.bench import LayerWorkload, layer_report, run_layer_benchmark, save_layer_results
 
     workload = LayerWorkload(in_features=128, out_features=256, tokens=8, repeat=1, formats=("dense", "nf4"),
-                             dora=dora)
+                             dora=dora, dropout=dropout)
     results = run_layer_benchmark(workload)
     assert [r.fmt for r in results] == ["dense", "nf4"]
     nf4 = results[1]
     assert nf4.ours_s > 0 and nf4.peft_s > 0 and nf4.dense_s > 0
     assert nf4.ours_saved <= nf4.peft_saved                                  # no dense weight kept for backward
     text = layer_report(workload, results)
-    assert ("DoRA" in text) == dora and len(_table_rows(text)) == 2
+    assert ("DoRA" in text) == dora and ("lora_dropout=0.05" in text) == bool(dropout)
+    assert len(_table_rows(text)) == 2
     save_layer_results(text, results, tmp_path, "layer_dora" if dora else "layer")
     name = "layer_dora" if dora else "layer"
     assert (tmp_path / f"{name}.md").is_file() and (tmp_path / f"{name}.png").is_file()
