@@ -5,8 +5,8 @@ A Llama-architecture model built from a config (random weights), every linear bu
 to the format by its own library, LoRA r = 16 on all seven projections, AdamW. Speed: both
 libraries' models live in one process and their steps alternate, so both see the same machine
 (separate runs on a shared CPU drift by 10 % and more). Memory: each (format, library) pair trains
-in a fresh process, so its peak is its own: resident memory on CPU, `torch.cuda.max_memory_allocated`
-on a GPU.
+in a fresh process, so its peak is its own, measured over the training steps only: resident memory
+on CPU (its peak reset after the warm-up step), `torch.cuda.max_memory_allocated` on a GPU.
 
     python benchmarks/bench_model_step.py                       # CPU: 4 layers, hidden 512, 2 x 128, fp32 and bf16
     python benchmarks/bench_model_step.py --formats nf4 --steps 3
@@ -104,22 +104,40 @@ def timed(step: Callable[[], None], cuda: bool) -> float:
     return time.perf_counter() - start
 
 
+def reset_peak_rss() -> bool:
+    """Start the process's peak resident memory (VmHWM, `ru_maxrss`) afresh from now, as
+    `torch.cuda.reset_peak_memory_stats` does on a GPU; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def resident_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
 def memory_run(fmt: str, library: str, dtype_name: str, args, queue) -> None:
-    """Peak memory of one library's training (a process of its own, so the peak is its own)."""
+    """Peak memory of one library's training steps (a process of its own, so the peak is its own):
+    on a GPU the peak allocated, on the CPU the peak resident memory while the steps ran (building
+    and quantizing the model came before, and its peak is not counted where Linux lets the peak be
+    reset)."""
     cuda = args.device.startswith("cuda")
     step = build(fmt, library, dtype_name, args)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step()                                                              # warm-up
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    rss_reset = reset_peak_rss()
+    scope = "training" if cuda or rss_reset else "process"
+    before = resident_mib()
     for _ in range(2):
         timed(step, cuda)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    queue.put({"peak_mib": peak, "growth_mib": growth})
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_peak
+    queue.put({"peak_mib": peak, "growth_mib": rss_peak - before, "peak_scope": scope})
 
 
 def speed_run(fmt: str, dtype_name: str, args, queue) -> None:
@@ -212,10 +230,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([fmt, dtype_name, rate(ours), rate(theirs), ratio(theirs and theirs["seconds"], ours["seconds"]),
                      mfu(ours), mfu(theirs), f"{ours['peak_mib']:,.0f}",
                      "—" if theirs is None else f"{theirs['peak_mib']:,.0f}",
-                     ratio(ours["peak_mib"], theirs and theirs["peak_mib"]), f"{ours['growth_mib']:,.0f}",
-                     "—" if theirs is None else f"{theirs['growth_mib']:,.0f}"])
-    memory = "peak allocated MiB" if args.device.startswith("cuda") else "peak RSS MiB"
-    growth = "training growth MiB" if not args.device.startswith("cuda") else "growth (RSS) MiB"
+                     ratio(ours["peak_mib"], theirs and theirs["peak_mib"]), f"{round(ours['growth_mib']):,}",
+                     "—" if theirs is None else f"{round(theirs['growth_mib']):,}"])
+    scopes = {r["peak_scope"] for f in raw for r in raw[f].values() if r}
+    memory = ("peak allocated MiB" if args.device.startswith("cuda") else
+              "peak RSS in training MiB" if scopes == {"training"} else "peak RSS MiB")
+    growth = "RSS growth in training MiB"
     text = "\n".join([
         f"machine: {machine()}",
         f"workload: Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocabulary "
@@ -224,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; loss: ours "
         f"{'causal_lm_loss (chunked)' if args.loss == 'chunked' else 'the model'}, PEFT the model; speed: both "
         f"libraries in one process, steps interleaved, median of {args.steps} each after one warm-up; memory: one "
-        "process per library; MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
+        "process per library, peak over 2 steps after a warm-up step (model building not counted); "
+        "MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
         "",
         markdown_table(["format", "dtype", "ours tokens/s", "PEFT tokens/s", "speed-up (PEFT time / ours)", "ours MFU",
                         "PEFT MFU", f"ours {memory}", f"PEFT {memory}", "memory ours/PEFT", f"ours {growth}",
