@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     text = layer_report(workload, results)
     print(text)
     if args.output is not None:
-        name = "layer" + ("_dora" if args.dora else "") + ("_dropout" if args.dropout else "")
-        save_layer_results(text, results, args.output, name)
+        save_layer_results(text, results, args.output, workload.name)
 
 
 if __name__ == "__main__":

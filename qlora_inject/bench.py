@@ -37,6 +37,11 @@ class LayerWorkload:
     dora: bool = False                                                      # DoRA adapters instead of plain LoRA
     dropout: float = 0.0                                                    # lora_dropout (the seed script: 0.05)
 
+    @property
+    def name(self) -> str:
+        """The results' file name: layer, layer_dora, layer_dropout, layer_dora_dropout."""
+        return "layer" + ("_dora" if self.dora else "") + ("_dropout" if self.dropout else "")
+
 
 @dataclass(frozen=True)
 class LayerResult:

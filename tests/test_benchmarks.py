@@ -88,6 +88,6 @@ def test_layer_benchmark_measures_ours_peft_and_dense(tmp_path, dora, dropout):
     text = layer_report(workload, results)
     assert ("DoRA" in text) == dora and ("lora_dropout=0.05" in text) == bool(dropout)
     assert len(_table_rows(text)) == 2
-    save_layer_results(text, results, tmp_path, "layer_dora" if dora else "layer")
-    name = "layer_dora" if dora else "layer"
+    save_layer_results(text, results, tmp_path, workload.name)
+    name = "layer" + ("_dora" if dora else "") + ("_dropout" if dropout else "")
     assert (tmp_path / f"{name}.md").is_file() and (tmp_path / f"{name}.png").is_file()
