@@ -50,7 +50,7 @@ else
     step_args=(--preset llama-8b)
 fi
 
-step cuda_tests $python -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py -k "cuda or compiled"
+step cuda_tests $python -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py tests/test_fused_ops.py -k "cuda or compiled"
 step kernels $python benchmarks/bench_kernels.py "${kernel_args[@]}" --output "$results"
 step model_step $python benchmarks/bench_model_step.py "${step_args[@]}" --output "$results"
 echo "results in $results"

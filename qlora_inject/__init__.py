@@ -9,6 +9,7 @@ wrapped with `LoraLinear`, which keeps the original module as a frozen `base_lay
 
 from qlora_inject.adapter_io import read_adapter, save_adapter
 from qlora_inject.config import LoraConfig
+from qlora_inject.fused_ops import FusionReport, fuse_llama_ops, unfuse_llama_ops
 from qlora_inject.inject import (
     InjectionReport,
     WrappedModule,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterSpec",
     "Backend",
+    "FusionReport",
     "InjectionReport",
     "LoraConfig",
     "LoraLinear",
@@ -53,6 +55,7 @@ __all__ = [
     "explain",
     "find_backend",
     "freeze_base",
+    "fuse_llama_ops",
     "get_backend",
     "inject",
     "linear_cross_entropy",
@@ -61,5 +64,6 @@ __all__ = [
     "save_adapter",
     "select",
     "set_active_adapters",
+    "unfuse_llama_ops",
     "unregister_backend",
 ]

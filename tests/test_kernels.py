@@ -10,6 +10,7 @@ from qlora_inject.bench import saved_for_backward_bytes
 from qlora_inject.kernels.dequant_matmul import dequantized_linear
 
 from conftest import requires_cuda
+from kernel_check import run_kernel_check
 
 
 def test_gradients_equal_a_plain_linear_and_no_weight_is_saved():
@@ -101,7 +102,7 @@ print("ok")
 
 
 def test_triton_4bit_dequantize_equals_its_torch_twin_under_the_interpreter():
-    _run_kernel_check(TRITON_CHECK)
+    run_kernel_check(TRITON_CHECK)
 
 
 GPTQ_AWQ_TRITON_CHECK = r"""
@@ -148,28 +149,8 @@ print("ok")
 """
 
 
-def _run_kernel_check(script: str, device: str = "cpu") -> None:
-    """Run a kernel check in a fresh process: on the CPU under Triton's interpreter, or compiled on CUDA."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-
-    # Each check imports what it needs; skip (with the package's name) where one is missing.
-    needed = ["triton"] + [p for p in ("bitsandbytes", "hqq") if f"import {p}" in script or f"from {p}" in script]
-    missing = [p for p in needed if importlib.util.find_spec(p) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)}")
-    env = dict(os.environ, QLORA_INJECT_KERNEL_DEVICE=device)
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"                                       # read when triton.jit decorates
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd="/")
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
-
-
 def test_triton_gptq_and_awq_dequantize_equal_their_torch_twins_under_the_interpreter():
-    _run_kernel_check(GPTQ_AWQ_TRITON_CHECK)
+    run_kernel_check(GPTQ_AWQ_TRITON_CHECK)
 
 
 HQQ_TRITON_CHECK = r"""
@@ -200,7 +181,7 @@ print("ok")
 
 
 def test_triton_hqq_4bit_dequantize_equals_its_torch_twin_under_the_interpreter():
-    _run_kernel_check(HQQ_TRITON_CHECK)
+    run_kernel_check(HQQ_TRITON_CHECK)
 
 
 LORA_TRITON_CHECK = r"""
@@ -224,10 +205,10 @@ print("ok")
 
 
 def test_triton_mixed_adapter_shrink_expand_equals_its_torch_twin_under_the_interpreter():
-    _run_kernel_check(LORA_TRITON_CHECK)
+    run_kernel_check(LORA_TRITON_CHECK)
 
 
 @requires_cuda
 @pytest.mark.parametrize("script", ["TRITON_CHECK", "GPTQ_AWQ_TRITON_CHECK", "HQQ_TRITON_CHECK", "LORA_TRITON_CHECK"])
 def test_compiled_triton_kernels_equal_their_torch_twins_on_cuda(script):
-    _run_kernel_check(globals()[script], device="cuda")
+    run_kernel_check(globals()[script], device="cuda")
