@@ -74,6 +74,10 @@ def build(fmt: str, library: str, dtype_name: str, args) -> Callable[[], None]:
         from qlora_inject import LoraConfig, LoraModel
 
         model = LoraModel(model, LoraConfig(r=16, lora_alpha=32, target_modules=PROJECTIONS))
+        if args.fuse == "on":
+            from qlora_inject import fuse_llama_ops
+
+            fuse_llama_ops(model)
     else:
         import peft
 
@@ -186,6 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss", choices=("chunked", "model"), default="chunked",
                         help="ours: this library's chunked causal_lm_loss (as `qlora-inject train` uses) or the "
                              "model's own loss; PEFT always uses the model's own")
+    parser.add_argument("--fuse", choices=("on", "off"), default="on",
+                        help="ours: fuse_llama_ops (RMSNorm and the MLP gate as one autograd op each), as "
+                             "`qlora-inject train` does; PEFT always runs the model's own modules")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -242,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.vocab}, LoRA r=16 on 7 projections, AdamW, batch {args.batch} x {args.seq} tokens, "
         f"{' and '.join(dtypes)} on "
         f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; loss: ours "
-        f"{'causal_lm_loss (chunked)' if args.loss == 'chunked' else 'the model'}, PEFT the model; speed: both "
+        f"{'causal_lm_loss (chunked)' if args.loss == 'chunked' else 'the model'}, PEFT the model; ours "
+        f"{'with' if args.fuse == 'on' else 'without'} fused RMSNorm/SwiGLU; speed: both "
         f"libraries in one process, steps interleaved, median of {args.steps} each after one warm-up; memory: one "
         "process per library, peak over 2 steps after a warm-up step (model building not counted); "
         "MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",

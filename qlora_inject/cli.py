@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default: 50)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--no-fuse", action="store_true",
+                       help="keep the model's own RMSNorm and MLP modules (default: fused, see fuse_llama_ops)")
 
     inspect = commands.add_parser("inspect", help="list linear-like modules, their format and whether a target "
                                                   "setting would wrap them; changes nothing")
@@ -88,7 +90,7 @@ def run_train(args: argparse.Namespace) -> int:
         model=args.model, quant=args.quant, r=args.r, alpha=args.alpha, target_modules=args.target_modules,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, data=args.data,
         output=args.output, resume=args.resume, save_every=args.save_every, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, fuse=not args.no_fuse,
     )
     result = train(options)
     return 0 if not result.losses or result.losses[-1] < result.losses[0] or result.start_step else 1

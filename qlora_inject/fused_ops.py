@@ -139,6 +139,9 @@ def fuse_llama_ops(model: nn.Module) -> FusionReport:
                 continue
         else:
             continue
+        if hasattr(module, "_hf_hook"):                                   # accelerate's offload/dispatch hook
+            report.skipped[name] = "it carries an accelerate hook (device_map offloading), which a swap would drop"
+            continue
         why = _probe_disagrees(module, fused, width, probe_dtype, device)
         if why is not None:
             report.skipped[name] = why

@@ -48,6 +48,7 @@ class TrainOptions:
     save_every: int = 50
     seed: int = 0
     progress: bool = True
+    fuse: bool = True                                  # fuse_llama_ops: one autograd op per RMSNorm and MLP gate
 
 
 @dataclass
@@ -196,6 +197,7 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
     """Run one training job; return the per-step losses."""
     from qlora_inject import LoraConfig, LoraModel
     from qlora_inject.adapter_io import check_and_copy, read_adapter
+    from qlora_inject.fused_ops import fuse_llama_ops
     from qlora_inject.loss import causal_lm_loss, why_not_chunked
 
     _check(options)
@@ -223,6 +225,8 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
         config = LoraConfig(r=options.r, lora_alpha=options.alpha, target_modules=targets, lora_dropout=0.05,
                             task_type="CAUSAL_LM")
         lora_model = LoraModel(model, config)
+    if options.fuse:
+        log(str(fuse_llama_ops(lora_model)))
     trainable, total = lora_model.get_nb_trainable_parameters()
     log(f"{len(lora_model.reports['default'])} layers wrapped {lora_model.reports['default'].backends()}; "
         f"trainable {trainable:,} of {total:,} parameters; {len(tokens):,} training tokens")

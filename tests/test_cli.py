@@ -75,6 +75,16 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
     assert len(losses) == 9 and losses[:5] == first_five
 
 
+def test_training_with_fused_ops_follows_the_unfused_run(tmp_path):
+    lines: list[str] = []
+    fused = train.train(train.TrainOptions(steps=3, output=tmp_path / "fused", progress=False), log=lines.append)
+    plain = train.train(train.TrainOptions(steps=3, output=tmp_path / "plain", progress=False, fuse=False),
+                        log=lambda _: None)
+    assert "fused 9 RMSNorm and 4 gated MLP modules" in lines
+    assert fused.losses == pytest.approx(plain.losses, rel=1e-5)
+    assert fused.losses[-1] < fused.losses[0]
+
+
 def test_inspect_lists_modules_and_changes_nothing(capsys):
     assert run("inspect", "builtin", "--quant", "nf4", "--target-modules", "q_proj,v_proj") == 0
     out = capsys.readouterr().out
