@@ -36,6 +36,7 @@ class FusedRMSNorm(nn.Module):
         super().__init__()
         self.weight = original.weight
         self.variance_epsilon = float(original.variance_epsilon)
+        self.training = original.training
         object.__setattr__(self, "original", original)                     # for unfuse; not a submodule
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -51,6 +52,7 @@ class FusedGatedMLP(nn.Module):
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = original.gate_proj, original.up_proj, original.down_proj
+        self.training = original.training
         object.__setattr__(self, "original", original)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -127,6 +129,8 @@ def fuse_llama_ops(model: nn.Module) -> FusionReport:
     dtype = _input_dtype(model)
     swaps: list[tuple[nn.Module, str, nn.Module, list[str], str]] = []
     for name, module in model.named_modules():
+        if not name:                                                      # the model itself has no parent to swap in
+            continue
         if _looks_like_rms_norm(module):
             fused, kind, width = FusedRMSNorm(module), report.norms, module.weight.shape[0]
             probe_dtype, device = module.weight.dtype, module.weight.device

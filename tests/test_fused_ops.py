@@ -117,10 +117,12 @@ def test_fusing_a_peft_model_keeps_its_outputs():
     import peft
 
     model = peft.get_peft_model(load_tiny_llama("none"), peft.LoraConfig(r=4, target_modules=LLAMA_PROJECTIONS))
+    model.eval()
     ids = torch.randint(0, 128, (1, 10))
     expected = model(input_ids=ids).logits
     report = qi.fuse_llama_ops(model)
     assert (len(report.norms), len(report.mlps)) == (5, 2)
+    assert not any(module.training for module in model.modules())          # the swapped-in modules too
     torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
 
 
