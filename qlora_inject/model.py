@@ -20,6 +20,7 @@ from torch import nn
 from qlora_inject import adapter_io
 from qlora_inject.combine import add_weighted_adapter
 from qlora_inject.config import LoraConfig
+from qlora_inject.fused_ops import unfuse_llama_ops
 from qlora_inject.inject import (
     InjectionReport,
     adapter_names,
@@ -161,13 +162,17 @@ class LoraModel(nn.Module):
 
     def merge_and_unload(self, dequantize: bool = False, dtype: torch.dtype | None = None,
                          adapter_names: list[str] | None = None) -> nn.Module:
-        """The model with adapters merged and LoRA layers removed (quantized, or dense with `dequantize=True`)."""
-        return merge_and_unload(self.model, dequantize=dequantize, dtype=dtype, adapter_names=adapter_names)
+        """The model with adapters merged and LoRA layers removed (quantized, or dense with `dequantize=True`);
+        modules swapped by `fuse_llama_ops` are given back as the model's own."""
+        merged = merge_and_unload(self.model, dequantize=dequantize, dtype=dtype, adapter_names=adapter_names)
+        unfuse_llama_ops(merged)
+        return merged
 
     def unload(self) -> nn.Module:
-        """The model with every adapter removed and its original layers back, nothing merged."""
+        """The model with every adapter removed and its original layers (and modules) back, nothing merged."""
         for name in list(self.peft_config):
             self.delete_adapter(name)
+        unfuse_llama_ops(self.model)
         return self.model
 
     # --- parameters -----------------------------------------------------------------------------

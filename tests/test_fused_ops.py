@@ -112,6 +112,23 @@ def test_fused_model_trains_as_the_unfused_one_on_every_format(quant):
     torch.testing.assert_close(model(input_ids=ids).logits, expected.logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("quant", [pytest.param("nf4", marks=requires("bitsandbytes")), "none"])
+def test_merge_and_unload_gives_back_the_models_own_modules(quant):
+    model = qi.LoraModel(load_tiny_llama(quant), qi.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_PROJECTIONS))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, 0.0, 0.05)
+    qi.fuse_llama_ops(model)
+    ids = torch.randint(0, 128, (1, 10))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        merged = model.merge_and_unload(dequantize=True)
+        got = merged(input_ids=ids).logits
+    assert not any(isinstance(m, (FusedRMSNorm, FusedGatedMLP)) for m in merged.modules())
+    assert type(merged.model.layers[0].mlp).__name__ == "LlamaMLP"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 @requires("peft")
 def test_fusing_a_peft_model_keeps_its_outputs():
     import peft
