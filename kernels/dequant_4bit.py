@@ -8,13 +8,12 @@ the absmax vector is itself stored as 8-bit codes, blockwise, plus a scalar offs
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 from torch import Tensor
 
-from qlora_inject.kernels import dequant_cpu
+from qlora_inject.kernels import dequant_cpu, triton_runs
 
 
 def dequantize_blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int) -> Tensor:
@@ -64,7 +63,7 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
         out: Optional 1-D scratch (e.g. `kernels.workspace.scratch`) the result may be written into;
             the returned tensor is then a view of it, in `out`'s dtype (holding `dtype`'s values).
     """
-    if packed.is_cuda and importlib.util.find_spec("triton") is not None:
+    if triton_runs(packed):
         from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit_triton
 
         return dequantize_4bit_triton(packed, absmax, code, blocksize, shape, dtype, out=out)

@@ -12,19 +12,12 @@ in the order [0, 2, 4, 6, 1, 3, 5, 7] of their columns.
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 
-from qlora_inject.kernels import dequant_cpu
+from qlora_inject.kernels import dequant_cpu, triton_runs
 
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)   # logical column k of a word sits in nibble AWQ_ORDER.index(k)
-
-
-def _use_triton(packed: Tensor) -> bool:
-    """The Triton twin runs for CUDA tensors when Triton is installed."""
-    return packed.is_cuda and importlib.util.find_spec("triton") is not None
 
 
 def _use_numba(packed: Tensor, bits: int) -> bool:
@@ -76,7 +69,7 @@ def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tens
         out: Optional 1-D scratch the result may be written into (the result is then a view of it, in
             `out`'s dtype when that is fp32, holding the values of `scales.dtype`).
     """
-    if bits == 4 and _use_triton(qweight):
+    if bits == 4 and triton_runs(qweight):
         from qlora_inject.kernels.dequant_gptq_triton import dequantize_gptq4_triton
 
         return dequantize_gptq4_triton(qweight, qzeros, scales, g_idx, in_features, out_features, zero_offset, out=out)
@@ -114,7 +107,7 @@ def dequantize_awq_gemm(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: i
         out: Optional 1-D scratch the result may be written into (the result is then a view of it, in
             `out`'s dtype when that is fp32, holding the values of `scales.dtype`).
     """
-    if bits == 4 and interleaved and _use_triton(qweight):
+    if bits == 4 and interleaved and triton_runs(qweight):
         from qlora_inject.kernels.dequant_gptq_triton import dequantize_awq4_triton
 
         return dequantize_awq4_triton(qweight, qzeros, scales, group_size, out_features, out=out)

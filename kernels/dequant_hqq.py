@@ -10,13 +10,12 @@ offloaded meta (`zero_scale`, both stacked) are read too.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 from torch import Tensor
 
-from qlora_inject.kernels import dequant_cpu
+from qlora_inject.kernels import dequant_cpu, triton_runs
 
 # packing name → (bits per code, codes per storage word)
 PACKINGS = {
@@ -54,7 +53,7 @@ def dequantize_hqq(W_q: Tensor, meta: dict, out: Tensor | None = None) -> Tensor
     """
     plain_4bit = (meta.get("packing") == "4bit_u8" and not meta.get("quant_zero") and not meta.get("quant_scale")
                   and "zero_scale" not in meta)
-    if plain_4bit and W_q.is_cuda and importlib.util.find_spec("triton") is not None:
+    if plain_4bit and triton_runs(W_q):
         from qlora_inject.kernels.dequant_hqq_triton import dequantize_hqq4_triton
 
         return dequantize_hqq4_triton(W_q, meta, out=out)

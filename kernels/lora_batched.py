@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from qlora_inject.kernels import triton_runs
+
 
 def stack_adapters(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """[(A (r_i, in), B (out, r_i))] → A (n, r, in), B (n, out, r), zero-padded to the largest rank."""
@@ -51,9 +53,7 @@ def lora_looped(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor)
 
 def lora_gathered_any(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
     """The Triton shrink/expand for CUDA tensors outside autograd (serving), this twin otherwise."""
-    import importlib.util
-
-    if x.is_cuda and not torch.is_grad_enabled() and importlib.util.find_spec("triton") is not None:
+    if triton_runs(x) and not torch.is_grad_enabled():
         from qlora_inject.kernels.lora_batched_triton import lora_gathered_triton
 
         return lora_gathered_triton(x, A, B, scaling, index)

@@ -13,10 +13,10 @@ kernels of `rms_norm_triton` run; elsewhere the torch twins below, which are the
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
+
+from qlora_inject.kernels import triton_runs
 
 
 def rms_norm_forward_torch(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -43,16 +43,12 @@ def rms_norm_backward_torch(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
     return dx.to(x.dtype), dw
 
 
-def _use_triton(x: Tensor) -> bool:
-    return x.is_cuda and importlib.util.find_spec("triton") is not None
-
-
 class RMSNormFunction(torch.autograd.Function):
     """`rms_norm` with a hand-written backward that saves x and rstd only."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        if _use_triton(x):
+        if triton_runs(x):
             from qlora_inject.kernels.rms_norm_triton import rms_norm_forward_triton as forward
         else:
             forward = rms_norm_forward_torch
@@ -63,7 +59,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, weight, rstd = ctx.saved_tensors
-        if _use_triton(x):
+        if triton_runs(x):
             from qlora_inject.kernels.rms_norm_triton import rms_norm_backward_triton as backward
         else:
             backward = rms_norm_backward_torch

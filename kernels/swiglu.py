@@ -12,11 +12,11 @@ on the CPU they agree with it bit for bit; on CUDA the Triton kernels of `swiglu
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from qlora_inject.kernels import triton_runs
 
 
 def swiglu_forward_torch(g: Tensor, u: Tensor) -> Tensor:
@@ -29,16 +29,12 @@ def swiglu_backward_torch(dy: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Ten
     return torch.ops.aten.silu_backward(dy * u, g), dy * F.silu(g)
 
 
-def _use_triton(g: Tensor) -> bool:
-    return g.is_cuda and importlib.util.find_spec("triton") is not None
-
-
 class SwiGLUFunction(torch.autograd.Function):
     """`swiglu` with a hand-written backward that saves the gate and up projections only."""
 
     @staticmethod
     def forward(ctx, g: Tensor, u: Tensor) -> Tensor:
-        if _use_triton(g):
+        if triton_runs(g):
             from qlora_inject.kernels.swiglu_triton import swiglu_forward_triton as forward
         else:
             forward = swiglu_forward_torch
@@ -48,7 +44,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor]:
         g, u = ctx.saved_tensors
-        if _use_triton(g):
+        if triton_runs(g):
             from qlora_inject.kernels.swiglu_triton import swiglu_backward_triton as backward
         else:
             backward = swiglu_backward_torch
