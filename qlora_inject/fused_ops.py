@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from qlora_inject.kernels.rms_norm import rms_norm
 from qlora_inject.kernels.swiglu import swiglu
+from qlora_inject.registry import find_backend
 
 PROBE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}   # relative, on the probe
 
@@ -174,9 +175,8 @@ def unfuse_llama_ops(model: nn.Module) -> int:
 
 
 def _in_features(layer: nn.Module) -> int | None:
-    base = getattr(layer, "base_layer", layer)
-    for owner in (layer, base):
-        features = getattr(owner, "in_features", None)
-        if isinstance(features, int):
-            return features
-    return None
+    """Input width of a projection: a wrapper's or `nn.Linear`'s own, else its format backend's."""
+    if isinstance(getattr(layer, "in_features", None), int):
+        return layer.in_features
+    backend = find_backend(layer)
+    return None if backend is None else backend.features(layer)[0]
