@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go (under 8 minutes on one H100): the CUDA tests, the kernel sweep at
-# Llama-3.1-8B shapes, and the 8B-shaped NF4 training step against PEFT + bitsandbytes.
+# Llama-3.1-8B shapes, the fused RMSNorm/SwiGLU against transformers' modules, and the 8B-shaped NF4
+# training step against PEFT + bitsandbytes.
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]          # default: benchmarks/results/gpu
 #   bash benchmarks/gpu_check.sh --smoke RESULTS_DIR    # the same steps on the CPU at tiny shapes
@@ -41,17 +42,20 @@ rm -rf "$site" && mkdir -p "$site" && cp -r qlora_inject "$site/" && cp -r kerne
     && export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 if [ "$smoke" -eq 1 ]; then
     kernel_args=(--device cpu --shapes 128x128 --tokens 1,8 --dtype fp32 --repeat 1)
+    fused_args=(--device cpu --tokens 16 --hidden 64 --intermediate 128 --repeat 1)
     step_args=(--formats nf4 --dtype bf16 --hidden 64 --heads 4 --kv-heads 2 --vocab 256 --layers 1 --seq 16 --steps 1
                --gradient-checkpointing)
 else
     $python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" \
         || exit 1
     kernel_args=()
+    fused_args=(--device cuda --tokens 8192)
     step_args=(--preset llama-8b)
 fi
 
 step cuda_tests $python -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py tests/test_kernels.py tests/test_fused_ops.py -k "cuda or compiled"
 step kernels $python benchmarks/bench_kernels.py "${kernel_args[@]}" --output "$results"
+step fused_ops $python benchmarks/bench_fused_ops.py "${fused_args[@]}" --output "$results"
 step model_step $python benchmarks/bench_model_step.py "${step_args[@]}" --output "$results"
 echo "results in $results"
 exit $status

@@ -45,6 +45,19 @@ def test_kernel_sweep_covers_every_format_shape_and_token_count(tmp_path, capsys
     assert (tmp_path / "kernels.png").stat().st_size > 1000
 
 
+def test_fused_ops_benchmark_times_both_and_counts_what_each_keeps(tmp_path, capsys):
+    _script("bench_fused_ops").main(["--device", "cpu", "--tokens", "8", "--hidden", "32", "--intermediate", "48",
+                                     "--dtype", "bf16,fp32", "--repeat", "1", "--output", str(tmp_path)])
+    rows = [r for r in _table_rows((tmp_path / "fused_ops.md").read_text()) if r[0] != "op"]
+    assert [(r[0], r[1]) for r in rows] == [("RMSNorm", "bf16"), ("SwiGLU", "bf16"), ("RMSNorm", "fp32"),
+                                            ("SwiGLU", "fp32")]
+    for op, dtype, eager_ms, fused_ms, ratio, eager_kept, fused_kept in rows:
+        assert float(eager_ms) > 0 and float(fused_ms) > 0 and float(ratio) > 0
+        assert float(fused_kept) <= float(eager_kept), (op, dtype)
+    assert "machine:" in capsys.readouterr().out
+    assert (tmp_path / "fused_ops.png").stat().st_size > 1000
+
+
 @requires("bitsandbytes")
 @requires("peft")
 def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
@@ -55,7 +68,7 @@ def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     out = tmp_path / "out"
-    assert {"cuda_tests.log", "kernels.log", "model_step.log", "kernels.md", "model_step.md"} <= {
+    assert {"cuda_tests.log", "kernels.log", "model_step.log", "kernels.md", "model_step.md", "fused_ops.md"} <= {
         p.name for p in out.iterdir()}
     assert "skipped" in (out / "cuda_tests.log").read_text()                  # no GPU here: skipped, with reasons
     (row,) = _table_rows((out / "model_step.md").read_text())
