@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.dtype.split(","):
         for op, width in (("RMSNorm", args.hidden), ("SwiGLU", args.intermediate)):
             eager, fused, inputs = contenders(op, args.tokens, width, DTYPES[name], args.device)
-            grad = torch.randn(args.tokens, args.hidden if op == "RMSNorm" else width, device=args.device,
-                               dtype=DTYPES[name])
+            grad = torch.randn(args.tokens, width, device=args.device, dtype=DTYPES[name])
             eager_time = median_seconds(step_of(eager, inputs, grad), args.repeat)
             fused_time = median_seconds(step_of(fused, inputs, grad), args.repeat)
             eager_kept, fused_kept = saved_for_backward_bytes(eager), saved_for_backward_bytes(fused)

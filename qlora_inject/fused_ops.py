@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from qlora_inject.kernels.rms_norm import rms_norm
-from qlora_inject.kernels.swiglu import swiglu
+from qlora_inject.kernels.swiglu import swiglu, swiglu_forward_torch
 from qlora_inject.registry import find_backend
 
 PROBE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}   # relative, on the probe
@@ -59,7 +59,7 @@ class FusedGatedMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.shape != up.shape or gate.dtype != up.dtype:                # projections of unlike formats
-            return self.down_proj(torch.nn.functional.silu(gate) * up)
+            return self.down_proj(swiglu_forward_torch(gate, up))
         return self.down_proj(swiglu(gate, up))
 
 
@@ -160,13 +160,14 @@ def fuse_llama_ops(model: nn.Module) -> FusionReport:
 
 
 def unfuse_llama_ops(model: nn.Module) -> int:
-    """Put the original modules back (with the current projections, adapters included); returns how many."""
+    """Put the original modules back, holding the fused ones' current weight and projections (adapters
+    included, parameters replaced since the swap too); returns how many."""
     restored = []
     for name, module in model.named_modules():
-        if isinstance(module, FusedGatedMLP):
-            for part in ("gate_proj", "up_proj", "down_proj"):
-                setattr(module.original, part, getattr(module, part))
         if isinstance(module, (FusedRMSNorm, FusedGatedMLP)):
+            parts = ("gate_proj", "up_proj", "down_proj") if isinstance(module, FusedGatedMLP) else ("weight",)
+            for part in parts:
+                setattr(module.original, part, getattr(module, part))
             restored.append((name, module.original))
     for name, original in restored:
         parent_name, _, child = name.rpartition(".")

@@ -165,6 +165,18 @@ class GeluMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def test_unfusing_keeps_a_norm_weight_replaced_after_the_swap():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    model = nn.Sequential(LlamaRMSNorm(8))
+    qi.fuse_llama_ops(model)
+    replaced = nn.Parameter(torch.full((8,), 2.0))
+    model.load_state_dict({"0.weight": replaced}, assign=True)               # a new Parameter, not a copy
+    assert qi.unfuse_llama_ops(model) == 1
+    assert isinstance(model[0], LlamaRMSNorm) and model[0].weight is model.get_parameter("0.weight")
+    torch.testing.assert_close(model[0].weight, replaced)
+
+
 def test_look_alikes_with_other_numerics_are_left_and_named():
     model = nn.Sequential(GemmaLikeNorm(8), GeluMLP())
     report = qi.fuse_llama_ops(model)
