@@ -1,20 +1,22 @@
 """Adapter files in PEFT's format: `adapter_model.safetensors` + `adapter_config.json`.
 
-Keys are PEFT's: `base_model.model.<module path>.lora_A.weight`, the adapter name removed. Writes
-go to a temporary file in the same folder and are renamed into place, so a save that dies midway
-leaves the previous adapter whole. Loads check every key and shape before anything is attached.
+Keys are PEFT's: `base_model.model.<module path>.lora_A.weight`, the adapter name removed. A save
+writes the whole adapter into a staging folder and swaps it in (`atomic_files.replace_folder`): the
+folder is the previous adapter or the new one, never a mix; other files in it are kept. Loads read
+only adapter tensors (never a pickle), and check every key and shape before anything is attached.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from qlora_inject.atomic_files import atomic_write_bytes, recover_folder, replace_folder, write_file
 from qlora_inject.config import CONFIG_NAME, LoraConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -22,22 +24,6 @@ PREFIX = "base_model.model."
 _ADAPTER_SEGMENTS = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save")
 _MAGNITUDE = "lora_magnitude_vector"                                          # PEFT saves it without ".weight"
 _SAVED_COPY = "modules_to_save"                                               # PEFT drops this level in files
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
@@ -75,31 +61,53 @@ def peft_key_to_model_key(key: str, adapter_name: str, model_keys) -> str:
     return saved_copy if saved_copy in model_keys else key
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraConfig,
-                 adapter_name: str = "default") -> Path:
-    """Write one adapter in PEFT's format into `directory`; return the directory.
+def adapter_files(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> dict[str, bytes]:
+    """One adapter as the bytes of its two files, `{WEIGHTS_NAME: ..., CONFIG_NAME: ...}`.
 
-    `model` is the model that holds the LoRA layers (not a `LoraModel` facade: pass `.model`).
+    Raises:
+        ValueError: If `model` holds no adapter `adapter_name`.
     """
     from safetensors.torch import save
 
     tensors = adapter_state_dict(model, adapter_name, config.bias)
     if not any(".lora_A." in k for k in tensors):
         raise ValueError(f"adapter {adapter_name!r} is not in this model; nothing to save")
-    directory = Path(directory)
-    # Weights first, config last: a directory whose config is new has new weights too.
-    blob = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
-    atomic_write_bytes(directory / WEIGHTS_NAME, blob)
-    config.save_pretrained(directory)
-    return directory
+    weights = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"     # as LoraConfig.save_pretrained
+    return {WEIGHTS_NAME: weights, CONFIG_NAME: text.encode()}
+
+
+def write_files(directory: Path, files: dict[str, bytes]) -> None:
+    """Create each file in `directory` (a fresh folder, e.g. `replace_folder`'s staging one), fsynced."""
+    for name, data in files.items():
+        write_file(directory / name, data)
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraConfig,
+                 adapter_name: str = "default") -> Path:
+    """Write one adapter in PEFT's format into `directory`, as one unit; return the directory.
+
+    The folder is swapped whole (see `atomic_files.replace_folder`): a save killed at any moment
+    leaves the previous adapter or the new one. Other files in `directory` are kept.
+    `model` is the model that holds the LoRA layers (not a `LoraModel` facade: pass `.model`).
+    """
+    files = adapter_files(model, config, adapter_name)
+    return replace_folder(directory, lambda staging: write_files(staging, files), owned=files)
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]]:
-    """Read an adapter directory (ours or PEFT's) without touching any model."""
+    """Read an adapter directory (ours or PEFT's) without touching any model.
+
+    A folder left missing by a save killed mid-swap is put back first (`recover_folder`).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    try:
+        recover_folder(directory)
+    except OSError:                                                          # read-only: read what is there
+        pass
     config = LoraConfig.from_pretrained(directory)
     if config.init_lora_weights not in (True, False, "gaussian"):
         # A data-aware start (PiSSA, OLoRA, LoftQ) rewrites the base when it runs; loading must not.
@@ -114,8 +122,13 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, Te
     return config, tensors
 
 
-def check_and_copy(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str) -> None:
+def check_and_copy(model: nn.Module, tensors: dict[str, Tensor], adapter_name: str, bias: str = "none") -> None:
     """Copy PEFT-keyed `tensors` into `model`'s adapter `adapter_name`, all or nothing.
+
+    Only the adapter's own tensors load: `lora_A`/`lora_B`/`lora_magnitude_vector`, its
+    `modules_to_save` copies, and the biases its config's `bias` trains. A key naming anything else
+    (a base weight such as `embed_tokens.weight`, a packed `k_proj.weight`) is unexpected: the frozen
+    base is never written from an adapter file.
 
     Raises:
         ValueError: Naming every missing, unexpected and mis-shaped key; nothing is copied then.
@@ -123,8 +136,9 @@ def check_and_copy(model: nn.Module, tensors: dict[str, Tensor], adapter_name: s
     state = model.state_dict()
     mapped = {peft_key_to_model_key(k, adapter_name, state.keys()): v for k, v in tensors.items()}
     expected = {k for k in state if any(f".{s}.{adapter_name}." in f".{k}" for s in _ADAPTER_SEGMENTS)}
+    allowed = expected | {k for k in state if _is_saved_bias(k, bias)}
     missing = sorted(expected - mapped.keys())
-    unexpected = sorted(k for k in mapped if k not in state)
+    unexpected = sorted(k for k in mapped if k not in allowed)
     misshaped = sorted(f"{k}: file {tuple(v.shape)}, model {tuple(state[k].shape)}"
                        for k, v in mapped.items() if k in state and state[k].shape != v.shape)
     if missing or unexpected or misshaped:
@@ -151,5 +165,5 @@ def _is_saved_bias(key: str, bias: str) -> bool:
     return False
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_state_dict", "atomic_write_bytes", "check_and_copy",
-           "read_adapter", "save_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_files", "adapter_state_dict", "atomic_write_bytes",
+           "check_and_copy", "read_adapter", "replace_folder", "save_adapter", "write_files"]

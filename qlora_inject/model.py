@@ -195,7 +195,14 @@ class LoraModel(nn.Module):
     # --- files ----------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-        """Save one adapter (the active one by default) in PEFT's format."""
+        """Save one adapter (the active one by default) in PEFT's format.
+
+        The folder changes as one unit: a save killed at any moment leaves the previous adapter or
+        this one, never a mix (see `atomic_files.replace_folder`); other files in it are kept.
+        """
+        if not self.peft_config:
+            raise ValueError(f"no adapter to save into {str(directory)!r}: every adapter was deleted; "
+                             "add one with add_adapter or load_adapter first")
         name = adapter_name or (self.active_adapters or list(self.peft_config))[0]
         if name not in self.peft_config:
             raise ValueError(f"adapter {name!r} does not exist; adapters: {list(self.peft_config)}")
@@ -209,7 +216,7 @@ class LoraModel(nn.Module):
         active = self.active_adapters
         report = self.add_adapter(adapter_name, config)
         try:
-            _fill_loaded(self.model, tensors, adapter_name, flags, is_trainable)
+            _fill_loaded(self.model, tensors, adapter_name, flags, is_trainable, config.bias)
         except BaseException:
             self.peft_config.pop(adapter_name, None)
             self.reports.pop(adapter_name, None)
@@ -225,7 +232,7 @@ class LoraModel(nn.Module):
         config, tensors = adapter_io.read_adapter(directory)
         flags = _grad_flags(model)
         lora_model = cls(model, config, adapter_name)
-        _fill_loaded(model, tensors, adapter_name, flags, is_trainable)
+        _fill_loaded(model, tensors, adapter_name, flags, is_trainable, config.bias)
         return lora_model if is_trainable else lora_model.eval()
 
 
@@ -234,10 +241,10 @@ def _grad_flags(model: nn.Module) -> dict[str, bool]:
 
 
 def _fill_loaded(model: nn.Module, tensors: dict, adapter_name: str, flags: dict[str, bool],
-                 is_trainable: bool) -> None:
+                 is_trainable: bool, bias: str) -> None:
     """Copy loaded tensors into a just-injected adapter; on a mismatch remove it and restore `flags`."""
     try:
-        adapter_io.check_and_copy(model, tensors, adapter_name)
+        adapter_io.check_and_copy(model, tensors, adapter_name, bias)
     except BaseException:
         delete_adapter(model, adapter_name)
         for name, param in model.named_parameters():

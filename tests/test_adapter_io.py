@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from qlora_inject import LoraConfig, LoraModel, adapter_io
+from qlora_inject import LoraConfig, LoraModel, atomic_files
 
 from conftest import requires
 from factories import LLAMA_PROJECTIONS, load_tiny_llama
@@ -98,21 +98,24 @@ def test_modules_to_save_round_trip_with_peft(tmp_path):
     torch.testing.assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits)
 
 
-def test_a_save_killed_midway_leaves_the_previous_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("step", ["_exchange", "_fsync_tree"])
+def test_a_save_killed_midway_leaves_the_previous_adapter(tmp_path, monkeypatch, step):
+    directory = tmp_path / "adapter"
     first = trained(LoraModel(load_tiny_llama(), LoraConfig(**CONFIGS["list"])))
-    first.save_pretrained(tmp_path)
-    saved = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    first.save_pretrained(directory)
+    saved = {p: p.read_bytes() for p in directory.iterdir()}
     second = trained(LoraModel(load_tiny_llama(), LoraConfig(**CONFIGS["list"])))
 
     def die(*args, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(adapter_io.os, "replace", die)                       # dies before the rename
+    monkeypatch.setattr(atomic_files, step, die)                              # dies before the swap
     with pytest.raises(KeyboardInterrupt):
-        second.save_pretrained(tmp_path)
-    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == saved           # no temp files left either
+        second.save_pretrained(directory)
+    assert {p: p.read_bytes() for p in directory.iterdir()} == saved
+    assert os.listdir(tmp_path) == ["adapter"]                                # no staging folder left either
     monkeypatch.undo()
-    reloaded = LoraModel.from_pretrained(load_tiny_llama(), tmp_path)
+    reloaded = LoraModel.from_pretrained(load_tiny_llama(), directory)
     torch.testing.assert_close(reloaded(input_ids=IDS).logits, first(input_ids=IDS).logits)
 
 
