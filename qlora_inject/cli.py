@@ -6,14 +6,19 @@ Bad input is reported as one line on stderr with exit status 2, never a tracebac
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from qlora_inject.train import QUANTS, TrainOptions, UsageError
+from qlora_inject.train import DEFAULT_MODEL, QUANTS, TrainingDiverged, TrainOptions, UsageError
 
-BUILTIN = "builtin"
+BUILTIN = DEFAULT_MODEL
+# What `merge` copies from a base model folder beside the weights, so the merged folder loads on its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja",
+                   "chat_template.json")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -75,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": run_train, "inspect": run_inspect, "bench": run_bench, "merge": run_merge}[args.command](args)
-    except (UsageError, ValueError, TypeError, OSError, ImportError) as err:
+    except (UsageError, ValueError, TypeError, OSError, ImportError, TrainingDiverged) as err:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"qlora-inject {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, TrainingDiverged) else 2
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -93,7 +98,11 @@ def run_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress, fuse=not args.no_fuse,
     )
     result = train(options)
-    return 0 if not result.losses or result.losses[-1] < result.losses[0] or result.start_step else 1
+    if result.losses and not result.start_step and not result.losses[-1] < result.losses[0]:
+        print(f"qlora-inject train: the loss did not fall ({result.losses[0]:.4f} -> {result.losses[-1]:.4f}); "
+              "try another --lr or more --steps", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _load(model: str, quant: str):
@@ -154,6 +163,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from qlora_inject.checkpoint import new_folder
     from qlora_inject.model import LoraModel
 
     if args.out.exists() and any(args.out.iterdir()):
@@ -163,13 +173,21 @@ def run_merge(args: argparse.Namespace) -> int:
                          "transformers; add --dequantize for a dense model")
     model = LoraModel.from_pretrained(_load(args.base, args.quant), args.adapter)
     merged = model.merge_and_unload(dequantize=args.dequantize)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.out.name}-", dir=args.out.parent if args.out.parent.exists()
-                                    else None))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    stale = re.compile(rf"\.{re.escape(args.out.name)}\.merging-[0-9a-f]{{8}}")    # left by a killed merge
+    for path in args.out.parent.iterdir():
+        if path.is_dir() and not path.is_symlink() and stale.fullmatch(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+    staging = new_folder(args.out.parent, f".{args.out.name}.merging-")            # the umask's mode, as `out`'s
     try:
         merged.save_pretrained(staging)
+        if args.base != BUILTIN:
+            for name in TOKENIZER_FILES:
+                if (Path(args.base) / name).is_file() and not (staging / name).exists():
+                    shutil.copy2(Path(args.base) / name, staging / name)
         if args.out.exists():
             args.out.rmdir()
-        shutil.move(str(staging), str(args.out))
+        staging.rename(args.out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     kind = "dense" if args.dequantize else args.quant

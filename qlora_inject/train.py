@@ -2,15 +2,17 @@
 
 With no model given, a Llama-architecture model is built from a small config (random weights, a
 256-token byte vocabulary), quantized to the chosen format, and trained on the corpus shipped in
-the package: no download. Checkpoints (adapter + optimizer + data-order state) are written to a
-temporary folder and renamed into place, so a run killed at any moment resumes from the last one.
+the package: no download. Checkpoints (adapter, optimizer, RNG and data-order state; safetensors and
+JSON, see `checkpoint.py`) are written to a temporary folder and renamed into place, so a run killed
+at any moment resumes from the last one, and the resumed run's losses are those of an uninterrupted
+run, bit for bit on the CPU.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,13 +22,29 @@ from pathlib import Path
 
 import torch
 
+from qlora_inject.checkpoint import (
+    CHECKPOINT,
+    TrainerState,
+    latest_checkpoint,
+    load_optimizer_state,
+    read_trainer_state,
+    restore_rng,
+    write_checkpoint,
+)
+
 QUANTS = ("nf4", "fp4", "int8", "gptq", "awq", "hqq", "none")
-CHECKPOINT = "checkpoint"
-STATE_FILE = "trainer_state.pt"
+DEFAULT_MODEL = "builtin"                              # the name the adapter records for the built-in model
+# Settings that shape the run's trajectory: a resume must match the checkpoint's (--steps may grow).
+RESUME_SETTINGS = ("model", "quant", "r", "alpha", "target_modules", "lr", "batch_size", "seq_len", "data", "seed",
+                   "fuse")
 
 
 class UsageError(Exception):
     """Bad command-line input: reported as one line, never a traceback."""
+
+
+class TrainingDiverged(Exception):
+    """The loss (or the adapter) became non-finite; the last checkpoint written is the last good one."""
 
 
 @dataclass
@@ -161,56 +179,38 @@ def tokenizer_for(path: Path | None, vocab_size: int) -> Callable[[str], list[in
     return byte_tokens
 
 
-# --- checkpoints ---------------------------------------------------------------------------------
-
-def write_checkpoint(output: Path, lora_model, optimizer, step: int, losses: list[float],
-                     generator: torch.Generator) -> Path:
-    """Write adapter + trainer state to `output/checkpoint`, atomically (temp folder, then renames)."""
-    from qlora_inject.adapter_io import save_adapter
-
-    output.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}-{step}-", dir=output))
-    name = lora_model.active_adapters[0]
-    save_adapter(lora_model.model, staging, lora_model.peft_config[name], name)
-    torch.save({"step": step, "losses": losses, "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state()}, staging / STATE_FILE)
-    final, old = output / CHECKPOINT, output / f".{CHECKPOINT}-old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(output: Path) -> Path | None:
-    """The checkpoint to resume from (the previous one if a run died between two renames)."""
-    for candidate in (output / CHECKPOINT, output / f".{CHECKPOINT}-old"):
-        if (candidate / STATE_FILE).is_file():
-            return candidate
-    return None
-
-
 # --- the run -------------------------------------------------------------------------------------
 
 def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainResult:
-    """Run one training job; return the per-step losses."""
+    """Run one training job; return the per-step losses.
+
+    Raises:
+        UsageError: A bad setting, or a `--resume` whose settings differ from the checkpoint's.
+        ValueError: A checkpoint that is damaged or in the old (pickle) format.
+        TrainingDiverged: A non-finite loss or adapter; the last checkpoint written is kept.
+    """
     from qlora_inject import LoraConfig, LoraModel
-    from qlora_inject.adapter_io import check_and_copy, read_adapter
+    from qlora_inject.adapter_io import atomic_write_bytes, check_and_copy, read_adapter
     from qlora_inject.fused_ops import fuse_llama_ops
     from qlora_inject.loss import causal_lm_loss, why_not_chunked
 
     _check(options)
+    torch.manual_seed(options.seed)                    # LoRA init and dropout: the same run for the same --seed
     checkpoint = latest_checkpoint(options.output) if options.resume else None
     if options.resume and checkpoint is None:
         raise UsageError(f"--resume: no checkpoint in {str(options.output)!r}; run without --resume to start")
+    state = read_trainer_state(checkpoint) if checkpoint is not None else None
+    text = read_corpus(options.data)
+    settings = run_settings(options, text)
+    if state is not None:
+        check_resume(options, settings, state)
     if options.model is None:
         with tempfile.TemporaryDirectory(prefix="qlora-inject-model-") as tmp:
             model = load_model(build_default_model(Path(tmp), options.seed), options.quant)
     else:
         model = load_model(options.model, options.quant)
     tokenize = tokenizer_for(options.model, model.config.vocab_size)
-    tokens = torch.tensor(tokenize(read_corpus(options.data)), dtype=torch.long)
+    tokens = torch.tensor(tokenize(text), dtype=torch.long)
     if len(tokens) <= options.seq_len + 1:
         raise UsageError(f"the data holds {len(tokens)} tokens, fewer than --seq-len {options.seq_len} + 2; "
                          "give more text or a shorter --seq-len")
@@ -223,7 +223,7 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
         check_and_copy(lora_model.model, saved, "default")
     else:
         config = LoraConfig(r=options.r, lora_alpha=options.alpha, target_modules=targets, lora_dropout=0.05,
-                            task_type="CAUSAL_LM")
+                            task_type="CAUSAL_LM", base_model_name_or_path=settings["model"])
         lora_model = LoraModel(model, config)
     if options.fuse:
         log(str(fuse_llama_ops(lora_model)))
@@ -235,11 +235,9 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
     generator = torch.Generator().manual_seed(options.seed)
     losses: list[float] = []
     start = 0
-    if checkpoint is not None:
-        state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        losses, start = list(state["losses"]), int(state["step"])
+    if state is not None:
+        load_optimizer_state(optimizer, state.optimizer, checkpoint)
+        losses, start = list(state.losses), state.step
         log(f"resumed from {checkpoint} at step {start}")
     device = next(p.device for p in lora_model.parameters() if p.requires_grad)
 
@@ -254,32 +252,96 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
             return lora_model(input_ids=batch, labels=batch).loss
 
     lora_model.train()
+    if state is not None:
+        restore_rng(state.rng, generator)              # last, after everything above that draws random numbers
+    saved_step = start if state is not None else None
     began, seen = time.perf_counter(), 0
     bar = _progress(range(start, options.steps), options.progress, start, options.steps)
     for step in bar:
         offsets = torch.randint(0, len(tokens) - options.seq_len - 1, (options.batch_size,), generator=generator)
         batch = torch.stack([tokens[o:o + options.seq_len] for o in offsets.tolist()]).to(device)
         loss = loss_of(batch)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(_diverged(f"the loss of step {step + 1} is {value}", options, saved_step))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(value)
         seen += batch.numel()
         rate = seen / (time.perf_counter() - began)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tokens_per_s=f"{rate:,.0f}")
         if (step + 1) % options.save_every == 0 and step + 1 < options.steps:
-            write_checkpoint(options.output, lora_model, optimizer, step + 1, losses, generator)
+            _check_finite_adapter(lora_model, step + 1, options, saved_step)
+            write_checkpoint(options.output, lora_model, optimizer, step + 1, losses, generator, settings)
+            saved_step = step + 1
     rate = seen / max(time.perf_counter() - began, 1e-9)
 
-    write_checkpoint(options.output, lora_model, optimizer, options.steps, losses, generator)
+    _check_finite_adapter(lora_model, options.steps, options, saved_step)
+    write_checkpoint(options.output, lora_model, optimizer, options.steps, losses, generator, settings)
     lora_model.save_pretrained(options.output)
-    (options.output / "losses.json").write_text(json.dumps(losses))
+    atomic_write_bytes(options.output / "losses.json", json.dumps(losses).encode())
     plot_losses(losses, options.output / "loss_curve.png")
     if losses:
         log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over steps {start + 1}-{options.steps}; "
             f"{rate:,.0f} tokens/s; adapter in {options.output}")
     return TrainResult(losses, start, options.output, rate)
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+def run_settings(options: TrainOptions, text: str) -> dict[str, object]:
+    """The settings a checkpoint records and a resume must repeat (`--model` as given, or "builtin")."""
+    return {
+        "model": str(options.model) if options.model is not None else DEFAULT_MODEL,
+        "quant": options.quant, "r": options.r, "alpha": float(options.alpha),
+        "target_modules": options.target_modules, "lr": float(options.lr), "batch_size": options.batch_size,
+        "seq_len": options.seq_len, "data": str(options.data) if options.data is not None else None,
+        "data_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "seed": options.seed,
+        "fuse": options.fuse,
+    }
+
+
+def check_resume(options: TrainOptions, settings: dict[str, object], state: TrainerState) -> None:
+    """Refuse a resume that would not continue the checkpoint's run, naming every setting that differs."""
+    saved = state.settings
+    differ = []
+    for name in RESUME_SETTINGS:
+        here, there = settings[name], saved.get(name)
+        if name == "model" and isinstance(there, str) and here != DEFAULT_MODEL != there \
+                and Path(str(here)).resolve() == Path(there).resolve():
+            continue
+        if here != there:
+            differ.append(f"{_as_flag(name, here)} (checkpoint: {_as_flag(name, there)})")
+    if not differ and settings["data_sha256"] != saved.get("data_sha256"):
+        differ.append("the text of --data (it changed since the checkpoint)")
+    if differ:
+        raise UsageError(f"--resume: settings differ from the checkpoint's in {str(options.output)!r}: "
+                         f"{'; '.join(differ)}; resume with the checkpoint's settings, or start over without --resume")
+    if options.steps < state.step:
+        raise UsageError(f"--resume: --steps {options.steps} is below the checkpoint's step {state.step}; "
+                         f"give --steps {state.step} or more (its {state.step} losses are kept)")
+
+
+def _as_flag(name: str, value: object) -> str:
+    if name == "fuse":
+        return "fused" if value else "--no-fuse"
+    return f"--{name.replace('_', '-')} {value!r}"
+
+
+def _check_finite_adapter(lora_model, step: int, options: TrainOptions, saved_step: int | None) -> None:
+    """A non-finite adapter weight is never checkpointed (a finite loss can still give an inf update)."""
+    for name, param in lora_model.named_parameters():
+        if param.requires_grad and not bool(torch.isfinite(param).all()):
+            raise TrainingDiverged(_diverged(f"after step {step} {name} holds non-finite values", options,
+                                             saved_step))
+
+
+def _diverged(what: str, options: TrainOptions, saved_step: int | None) -> str:
+    kept = (f"the last good checkpoint (step {saved_step}) is kept in {str(options.output / CHECKPOINT)!r}"
+            if saved_step is not None else "no checkpoint was written yet")
+    return f"training stopped: {what}; nothing of it is saved and {kept}. Lower --lr (now {options.lr:g})"
 
 
 def plot_losses(losses: list[float], path: Path) -> None:
@@ -307,6 +369,8 @@ def _check(options: TrainOptions) -> None:
         value = getattr(options, name)
         if value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1")
+    if not math.isfinite(options.alpha):
+        raise UsageError(f"--alpha {options.alpha} must be a finite number, e.g. 32")
     if not (options.lr > 0 and math.isfinite(options.lr)):
         raise UsageError(f"--lr {options.lr} must be a positive number, e.g. 3e-3")
     if options.quant not in QUANTS:

@@ -1,0 +1,224 @@
+"""Training checkpoints of `qlora-inject train`: safetensors and JSON only, never a pickle.
+
+A checkpoint is the folder `<output>/checkpoint`:
+
+    adapter_model.safetensors, adapter_config.json   the adapter, in PEFT's format
+    trainer_state.safetensors                         optimizer tensors and every RNG state
+    trainer_state.json                                step, losses, the run's settings, optimizer groups
+
+It is written whole into a staging sibling `.checkpoint-<step>-<hex>` and renamed into place; the
+previous checkpoint stays, as `.checkpoint-old`, until the new one is in place, so a run killed at
+any moment leaves one whole checkpoint. Staging folders left by a killed write are removed by the
+next write. Folders and files get the mode the user's umask gives, as any file the user writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+FORMAT = "qlora-inject-trainer-state/1"
+CHECKPOINT = "checkpoint"
+PREVIOUS = f".{CHECKPOINT}-old"
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LEGACY_STATE = "trainer_state.pt"                        # a pickle, written before FORMAT 1: never read
+_STAGING = re.compile(rf"\.{CHECKPOINT}-\d+-[A-Za-z0-9_]{{8}}")   # ours, and mkdtemp's from older versions
+_RNG = "rng."
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint holds besides the adapter."""
+
+    step: int
+    losses: list[float]
+    settings: dict[str, Any]
+    optimizer: dict[str, Any]                            # torch's `Optimizer.state_dict()` form
+    rng: dict[str, Tensor]                               # "rng.torch", "rng.data", "rng.cuda.<i>"
+
+
+def new_folder(parent: Path, prefix: str) -> Path:
+    """Create a new, uniquely named folder `parent/<prefix><hex>` with the umask's mode (mkdtemp's is 0700)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a new folder named {prefix}… in {str(parent)!r}")
+
+
+def remove_stale_staging(output: Path) -> list[Path]:
+    """Remove checkpoint staging folders a killed write left in `output` (only names this module makes)."""
+    stale = [p for p in output.iterdir() if p.is_dir() and not p.is_symlink() and _STAGING.fullmatch(p.name)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def capture_rng(data_order: torch.Generator) -> dict[str, Tensor]:
+    """Every RNG state the loop draws from: torch's global CPU one (dropout), CUDA's, and the data order."""
+    states = {f"{_RNG}torch": torch.get_rng_state(), f"{_RNG}data": data_order.get_state()}
+    if torch.cuda.is_available():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"{_RNG}cuda.{index}"] = state
+    return states
+
+
+def restore_rng(states: dict[str, Tensor], data_order: torch.Generator) -> None:
+    """Set the RNG states `capture_rng` took (CUDA's only where this machine has as many devices)."""
+    torch.set_rng_state(states[f"{_RNG}torch"])
+    data_order.set_state(states[f"{_RNG}data"])
+    cuda = [states[k] for k in sorted(states) if k.startswith(f"{_RNG}cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def write_checkpoint(output: Path, lora_model, optimizer: torch.optim.Optimizer, step: int, losses: list[float],
+                     data_order: torch.Generator, settings: dict[str, Any] | None = None) -> Path:
+    """Write adapter + trainer state to `output/checkpoint` as one unit; return that folder."""
+    from safetensors.torch import save
+
+    from qlora_inject.adapter_io import save_adapter
+
+    output.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(output)
+    staging = new_folder(output, f".{CHECKPOINT}-{step}-")
+    try:
+        name = lora_model.active_adapters[0]
+        save_adapter(lora_model.model, staging, lora_model.peft_config[name], name)
+        tensors, groups = _split_optimizer(optimizer.state_dict())
+        tensors.update(capture_rng(data_order))
+        _write(staging / STATE_TENSORS, save(tensors, metadata={"format": "pt"}))
+        document = {"format": FORMAT, "step": step, "losses": losses, "settings": settings or {}, "optimizer": groups}
+        _write(staging / STATE_JSON, (json.dumps(document, indent=1) + "\n").encode())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    final, previous = output / CHECKPOINT, output / PREVIOUS
+    if final.exists():                                   # else `previous` is the only whole one: keep it
+        shutil.rmtree(previous, ignore_errors=True)
+        final.rename(previous)
+    staging.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The checkpoint to resume from (the previous one if a run died between two renames)."""
+    for candidate in (output / CHECKPOINT, output / PREVIOUS):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def read_trainer_state(folder: Path) -> TrainerState:
+    """Read and check a checkpoint's trainer state; nothing is unpickled.
+
+    Raises:
+        ValueError: The state is in the old pickle format, missing, damaged or inconsistent, naming the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / STATE_JSON
+    if not path.is_file():
+        if (folder / LEGACY_STATE).exists():
+            raise ValueError(f"{str(folder)!r} is a checkpoint in the old format ({LEGACY_STATE}, a pickle file, "
+                             "which is never read: it could run code); start over without --resume")
+        raise ValueError(f"{str(folder)!r} has no {STATE_JSON}; it is not a whole checkpoint, start over without "
+                         "--resume")
+    damaged = f"{path} is damaged"
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{damaged}: not UTF-8 JSON ({err}); start over without --resume") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ValueError(f"{damaged}: not a {FORMAT!r} object; start over without --resume")
+    step, losses = document.get("step"), document.get("losses")
+    settings, groups = document.get("settings"), document.get("optimizer")
+    if not (isinstance(step, int) and step >= 0 and isinstance(losses, list) and len(losses) == step
+            and all(isinstance(x, float | int) and not isinstance(x, bool) for x in losses)
+            and isinstance(settings, dict) and isinstance(groups, dict)):
+        raise ValueError(f"{damaged}: step, losses (one number per step), settings or optimizer are missing or "
+                         "wrong; start over without --resume")
+    try:
+        tensors = load_file(folder / STATE_TENSORS)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{folder / STATE_TENSORS} is missing or damaged ({err}); start over without --resume") \
+            from None
+    rng = {k: v for k, v in tensors.items() if k.startswith(_RNG)}
+    for key in (f"{_RNG}torch", f"{_RNG}data"):
+        if key not in rng or rng[key].dtype != torch.uint8 or rng[key].shape != torch.get_rng_state().shape:
+            raise ValueError(f"{folder / STATE_TENSORS} has no valid {key!r} state; start over without --resume")
+    optimizer = _join_optimizer(groups, {k: v for k, v in tensors.items() if not k.startswith(_RNG)}, damaged)
+    return TrainerState(step, [float(x) for x in losses], settings, optimizer, rng)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], source: Path) -> None:
+    """`optimizer.load_state_dict(state)`, after checking each tensor has its parameter's shape."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if not 0 <= index < len(params) or (isinstance(value, Tensor) and value.dim() > 0
+                                                and value.shape != params[index].shape):
+                raise ValueError(f"{source} does not fit this model: optimizer state {index}.{name} "
+                                 f"({tuple(getattr(value, 'shape', ()))}) belongs to no parameter of that shape; "
+                                 "start over without --resume")
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{source} does not fit this model's optimizer ({err}); start over without --resume") \
+            from None
+
+
+def _split_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Optimizer tensors as `optimizer.<param index>.<name>`; the param groups (and any numbers) as JSON."""
+    tensors, numbers = {}, {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                numbers.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "numbers": numbers}
+
+
+def _join_optimizer(groups: dict[str, Any], tensors: dict[str, Tensor], damaged: str) -> dict[str, Any]:
+    param_groups, numbers = groups.get("param_groups"), groups.get("numbers", {})
+    if not (isinstance(param_groups, list) and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                   for g in param_groups) and isinstance(numbers, dict)):
+        raise ValueError(f"{damaged}: its optimizer param_groups are missing or wrong; start over without --resume")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        match = re.fullmatch(r"optimizer\.(\d+)\.(\w+)", key)
+        if match is None:
+            raise ValueError(f"{damaged}: unexpected tensor {key!r} in {STATE_TENSORS}; start over without --resume")
+        state.setdefault(int(match[1]), {})[match[2]] = value
+    for index, values in numbers.items():
+        if not (index.isdigit() and isinstance(values, dict)):
+            raise ValueError(f"{damaged}: optimizer numbers {index!r} are wrong; start over without --resume")
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": param_groups}
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+__all__ = ["CHECKPOINT", "TrainerState", "latest_checkpoint", "load_optimizer_state", "new_folder",
+           "read_trainer_state", "remove_stale_staging", "restore_rng", "write_checkpoint"]
