@@ -11,6 +11,7 @@ The new adapter has scaling 1 (lora_alpha = r), so its factors carry the weights
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -32,6 +33,12 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         raise ValueError(f"adapters {missing or adapters} are not in this model (adapters: {existing})")
     if len(weights) != len(adapters):
         raise ValueError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    bad = [w for w in weights if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w)]
+    if bad:
+        raise ValueError(f"weights={list(weights)!r} holds {bad[0]!r}; each weight must be a finite number "
+                         "(not nan, inf or a string), e.g. weights=[0.7, 0.3]")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or isinstance(svd_rank, bool) or svd_rank <= 0):
+        raise ValueError(f"svd_rank={svd_rank!r} must be a positive integer or None (the largest rank combined)")
     if combination_type not in COMBINATIONS:
         raise ValueError(f"combination_type={combination_type!r} is not one of {COMBINATIONS}")
     layers = {name: m for name, m in iter_modules(model)

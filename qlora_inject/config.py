@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
 from dataclasses import dataclass, field
@@ -104,40 +106,51 @@ class LoraConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check every field; raise `ValueError`/`TypeError` naming the value and the fix."""
+        """Check every field's type and value; raise `TypeError`/`ValueError` naming the field, the value,
+        what is expected and the fix. Non-finite numbers (nan, inf) are refused."""
         _check_rank("r", self.r)
-        for pattern, rank in self.rank_pattern.items():
-            _check_rank(f"rank_pattern[{pattern!r}]", rank)
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise TypeError(f"lora_alpha={self.lora_alpha!r} must be a number, e.g. lora_alpha=16")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        self.rank_pattern = _check_patterns("rank_pattern", self.rank_pattern, _check_rank)
+        _check_number("lora_alpha", self.lora_alpha, "lora_alpha=16")
+        self.alpha_pattern = _check_patterns("alpha_pattern", self.alpha_pattern,
+                                             lambda name, value: _check_number(name, value, "16"))
+        _check_number("lora_dropout", self.lora_dropout, "lora_dropout=0.05")
+        if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1), e.g. 0.05")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False (a bool), e.g. {name}=True")
+        for name in ("task_type", "base_model_name_or_path", "bias", "peft_type"):
+            value = getattr(self, name)
+            optional = name in ("task_type", "base_model_name_or_path")
+            if not isinstance(value, str) and not (optional and value is None):
+                raise TypeError(f"{name}={value!r} must be a string{' or None' if optional else ''}")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"bias={self.bias!r} is not one of {BIAS_CHOICES}")
-        if self.init_lora_weights not in (True, False, "gaussian") and not is_scheme(self.init_lora_weights):
+        if not isinstance(self.init_lora_weights, (bool, str)) or (
+                self.init_lora_weights not in (True, False, "gaussian") and not is_scheme(self.init_lora_weights)):
             raise ValueError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported; use one of {INIT_CHOICES}"
             )
+        if self.loftq_config is None:
+            self.loftq_config = {}
+        if not isinstance(self.loftq_config, dict):
+            raise TypeError(f"loftq_config={self.loftq_config!r} must be a dict, e.g. "
+                            "{'format': 'nf4', 'loftq_iter': 1}, or {} when init_lora_weights is not 'loftq'")
         if self.peft_type != "LORA":
             raise ValueError(f"peft_type={self.peft_type!r}: only LoRA adapters ('LORA') are handled here")
+        for name in ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern"):
+            setattr(self, name, _check_names(name, getattr(self, name)))
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             _compile(self.target_modules, "target_modules")
         if isinstance(self.exclude_modules, str):
             _compile(self.exclude_modules, "exclude_modules")
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
-            elif value is not None and not isinstance(value, (str, list)):
-                raise TypeError(f"{name}={value!r} must be a list of names or a regex string")
+        self.layers_to_transform = _check_layers(self.layers_to_transform)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(
                 f"layers_to_transform={self.layers_to_transform!r} cannot be combined with the regex "
                 f"target_modules={self.target_modules!r} (PEFT refuses it too); put the layer numbers in the "
                 "regex, or pass target_modules as a list of names"
             )
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError(
                 f"layers_pattern={self.layers_pattern!r} is only used with layers_to_transform; "
@@ -207,6 +220,55 @@ _IGNORED = {
 def _check_rank(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name}={value!r} must be a positive integer, e.g. r=16")
+
+
+_BOOL_FIELDS = ("use_rslora", "fan_in_fan_out", "use_dora", "inference_mode")
+
+
+def _check_number(name: str, value: object, example: str) -> None:
+    """A real, finite number (not a bool, not a string)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be a number, not {type(value).__name__}, e.g. {example}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number (not nan or inf), e.g. {example}")
+
+
+def _check_patterns(name: str, value: object, check_value) -> dict:
+    """`{regex: value}` with string keys; each value checked by `check_value(label, value)`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{name}={value!r} must be a dict {{module name pattern: value}}, e.g. {{'q_proj': 16}}")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name} key {key!r} must be a string (a module name or regex), e.g. 'q_proj'")
+        check_value(f"{name}[{key!r}]", item)
+    return value
+
+
+def _check_names(name: str, value: object) -> list[str] | str | None:
+    """None, a string (a regex, or 'all-linear'), or a list/tuple/set of name strings (returned as a list)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, (list, tuple, set)):
+        raise TypeError(f"{name}={value!r} must be a list of names or a regex string, e.g. ['q_proj', 'v_proj']")
+    wrong = [item for item in value if not isinstance(item, str)]
+    if wrong:
+        raise TypeError(f"{name}={value!r} holds {wrong[0]!r}, which is not a string; give module names as "
+                        "strings, e.g. ['q_proj', 'v_proj']")
+    return sorted(value) if isinstance(value, set) else list(value)
+
+
+def _check_layers(value: object) -> list[int] | None:
+    """None, a layer index, or a list of layer indices (non-negative integers)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    if not isinstance(items, (list, tuple)) or any(
+            not isinstance(i, numbers.Integral) or isinstance(i, bool) or i < 0 for i in items):
+        raise TypeError(f"layers_to_transform={value!r} must be a layer index or a list of them "
+                        "(non-negative integers), e.g. [0, 1, 2]")
+    return [int(i) for i in items]
 
 
 def _compile(pattern: str, what: str) -> re.Pattern[str]:

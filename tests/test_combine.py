@@ -56,3 +56,16 @@ def test_bad_requests():
         model.add_weighted_adapter(["default", "b"], [1.0], "x")
     with pytest.raises(ValueError, match=r"combination_type='ties' is not one of"):
         model.add_weighted_adapter(["default"], [1.0], "x", combination_type="ties")
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "0.5", True], ids=repr)
+def test_non_finite_or_non_numeric_weights_are_refused_and_nothing_is_added(weight):
+    model = two_adapters(make_dense)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"weights=\[0\.5, {weight!r}\] holds {weight!r}; each weight must be a "
+                                         r"finite number \(not nan, inf or a string\)"):
+        model.add_weighted_adapter(["default", "b"], [0.5, weight], "mix")
+    assert "mix" not in model.peft_config and "mix" not in model.model.proj.lora_A
+    assert before.keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match=r"svd_rank=0 must be a positive integer or None"):
+        model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", svd_rank=0)

@@ -105,3 +105,76 @@ def test_peft_reads_our_config_and_we_read_peft(tmp_path):
 def test_unimplemented_peft_features_are_refused():
     with pytest.raises(ValueError, match=r"sets \['use_qalora'\], which qlora_inject does not implement"):
         LoraConfig.from_dict({"r": 4, "use_qalora": True, "peft_version": "0.21"})
+
+
+# One wrong value per field (every LoraConfig field appears at least once): the error names the field,
+# the value, and what is expected.
+BAD_VALUES = [
+    ("r", "8", ValueError, r"r='8' must be a positive integer"),
+    ("lora_alpha", "16", TypeError, r"lora_alpha='16' must be a number, not str"),
+    ("lora_alpha", float("nan"), ValueError, r"lora_alpha=nan must be a finite number \(not nan or inf\)"),
+    ("lora_alpha", float("inf"), ValueError, r"lora_alpha=inf must be a finite number"),
+    ("lora_alpha", True, TypeError, r"lora_alpha=True must be a number, not bool"),
+    ("lora_dropout", "0.1", TypeError, r"lora_dropout='0\.1' must be a number, not str, e\.g\. lora_dropout=0\.05"),
+    ("lora_dropout", float("nan"), ValueError, r"lora_dropout=nan must be a finite number"),
+    ("lora_dropout", 1.5, ValueError, r"lora_dropout=1\.5 must be in \[0, 1\)"),
+    ("target_modules", [5], TypeError, r"target_modules=\[5\] holds 5, which is not a string"),
+    ("target_modules", 5, TypeError, r"target_modules=5 must be a list of names or a regex string"),
+    ("target_modules", "q_proj[", ValueError, r"target_modules='q_proj\[' is not a valid regular expression"),
+    ("exclude_modules", [None], TypeError, r"exclude_modules=\[None\] holds None, which is not a string"),
+    ("layers_to_transform", "abc", TypeError, r"layers_to_transform='abc' must be a layer index or a list of them"),
+    ("layers_to_transform", [0, "1"], TypeError, r"layers_to_transform=\[0, '1'\] must be a layer index"),
+    ("layers_to_transform", [-1], TypeError, r"layers_to_transform=\[-1\] must be a layer index .*non-negative"),
+    ("layers_pattern", 3, TypeError, r"layers_pattern=3 must be a list of names or a regex string"),
+    ("rank_pattern", {"q_proj": "x"}, ValueError, r"rank_pattern\['q_proj'\]='x' must be a positive integer"),
+    ("rank_pattern", [("q_proj", 4)], TypeError, r"rank_pattern=\[\('q_proj', 4\)\] must be a dict"),
+    ("rank_pattern", {4: 4}, TypeError, r"rank_pattern key 4 must be a string"),
+    ("alpha_pattern", {"q_proj": "x"}, TypeError, r"alpha_pattern\['q_proj'\]='x' must be a number, not str"),
+    ("alpha_pattern", {"q_proj": float("nan")}, ValueError, r"alpha_pattern\['q_proj'\]=nan must be a finite number"),
+    ("alpha_pattern", {"q_proj": float("-inf")}, ValueError, r"alpha_pattern\['q_proj'\]=-inf must be a finite"),
+    ("use_rslora", "yes", TypeError, r"use_rslora='yes' must be True or False \(a bool\)"),
+    ("bias", None, TypeError, r"bias=None must be a string"),
+    ("bias", "some", ValueError, r"bias='some' is not one of \('none', 'all', 'lora_only'\)"),
+    ("modules_to_save", [1], TypeError, r"modules_to_save=\[1\] holds 1, which is not a string"),
+    ("init_lora_weights", 1, ValueError, r"init_lora_weights=1 is not supported; use one of \(True, False"),
+    ("init_lora_weights", "corda", ValueError, r"init_lora_weights='corda' is not supported; use one of \(True, "),
+    ("fan_in_fan_out", "false", TypeError, r"fan_in_fan_out='false' must be True or False"),
+    ("task_type", 1, TypeError, r"task_type=1 must be a string or None"),
+    ("use_dora", "yes", TypeError, r"use_dora='yes' must be True or False \(a bool\), e\.g\. use_dora=True"),
+    ("loftq_config", "nf4", TypeError, r"loftq_config='nf4' must be a dict"),
+    ("base_model_name_or_path", 3, TypeError, r"base_model_name_or_path=3 must be a string or None"),
+    ("inference_mode", 0, TypeError, r"inference_mode=0 must be True or False"),
+    ("compute_dtype", "int8", ValueError, r"compute_dtype='int8' is not a dtype"),
+    ("adapter_dtype", torch.int8, ValueError, r"adapter_dtype=torch\.int8 is not a float dtype"),
+    ("peft_type", "IA3", ValueError, r"peft_type='IA3': only LoRA adapters"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "error", "message"), BAD_VALUES,
+                         ids=[f"{f}={v!r}" for f, v, *_ in BAD_VALUES])
+def test_every_field_is_type_and_value_checked(field, value, error, message):
+    with pytest.raises(error, match=message):
+        LoraConfig(**{field: value})
+
+
+def test_the_bad_value_table_covers_every_field():
+    import dataclasses
+
+    assert {f.name for f in dataclasses.fields(LoraConfig)} == {field for field, *_ in BAD_VALUES}
+
+
+def test_fields_are_checked_again_when_changed_after_construction():
+    config = LoraConfig(target_modules=["q_proj"])
+    config.lora_alpha = float("nan")
+    with pytest.raises(ValueError, match=r"lora_alpha=nan must be a finite number"):
+        config.validate()
+
+
+def test_accepted_spellings_are_normalised():
+    config = LoraConfig(target_modules=("v_proj", "q_proj"), layers_to_transform=3, layers_pattern=("layers",),
+                        loftq_config=None, lora_alpha=16.0, alpha_pattern={"q_proj": 2}, task_type=None)
+    assert config.target_modules == ["v_proj", "q_proj"]
+    assert config.layers_to_transform == [3]
+    assert config.layers_pattern == ["layers"]
+    assert config.loftq_config == {}
+    assert LoraConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
