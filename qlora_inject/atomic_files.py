@@ -35,6 +35,7 @@ from pathlib import Path
 
 # Written last when a folder is filled in place: the file that marks a folder as an adapter.
 _COMMIT_LAST = "adapter_config.json"
+_TEMP_INSIDE = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp$")             # atomic_write_bytes', _fill_in_place's
 _LEGACY_TEMP = re.compile(r"^\.(adapter_model\.safetensors|adapter_config\.json)\.[a-z0-9_]{8}\.tmp$")
 
 
@@ -134,11 +135,9 @@ def recover_folder(final: str | os.PathLike) -> None:
     for entry in dead:
         shutil.rmtree(parent / entry, ignore_errors=True)
     if final.is_dir():
-        for entry in os.listdir(final):
-            match = re.match(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp$", entry)
-            if (match and not _owner_alive(int(match[1]))) or _LEGACY_TEMP.match(entry):
-                target = final / entry
-                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        for entry in filter(_is_debris, os.listdir(final)):
+            target = final / entry
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
 
 
 def replace_folder(final: str | os.PathLike, write: Callable[[Path], None],
@@ -195,6 +194,12 @@ def replace_folder(final: str | os.PathLike, write: Callable[[Path], None],
     return final
 
 
+def _is_debris(entry: str) -> bool:
+    """A temporary file or folder inside a saved folder whose writer is gone (or an earlier version's)."""
+    match = _TEMP_INSIDE.match(entry)
+    return bool(match and not _owner_alive(int(match[1]))) or bool(_LEGACY_TEMP.match(entry))
+
+
 def _real(path: Path) -> Path:
     """The path with symlinks resolved (a symlinked folder is replaced at its target, the link kept)."""
     return Path(os.path.realpath(path))
@@ -208,7 +213,7 @@ def _cannot_swap(final: Path) -> bool:
 def _carry_over(final: Path, staging: Path, owned: Collection[str]) -> None:
     own = set(owned) | set(os.listdir(staging))
     for entry in os.listdir(final):
-        if entry in own or _LEGACY_TEMP.match(entry) or re.match(r"^\..+\.\d+-[0-9a-f]{8}\.tmp$", entry):
+        if entry in own or _is_debris(entry):
             continue
         source, target = final / entry, staging / entry
         if source.is_dir() and not source.is_symlink():

@@ -190,6 +190,9 @@ class LoraConfig:
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
         """Build from a PEFT-style dict; keys this library does not know are refused if they
         would change the adapter's meaning, and ignored if they are bookkeeping."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an adapter config must be a dict of LoraConfig fields like {{'r': 8}}, "
+                             f"got {type(data).__name__} {_short(data)}")
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
         unknown = {k: v for k, v in data.items() if k not in known}
@@ -203,11 +206,44 @@ class LoraConfig:
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> LoraConfig:
-        """Read `adapter_config.json` from a directory (ours or PEFT's)."""
+        """Read `adapter_config.json` from a directory (ours or PEFT's).
+
+        Raises:
+            FileNotFoundError: If the folder has no `adapter_config.json`.
+            ValueError: If the file is empty, not UTF-8 text, not JSON, or not a JSON object; naming
+                the file and what is wrong. Bad field values are named with the file too.
+        """
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} in {str(directory)!r}; is this an adapter directory?")
-        return cls.from_dict(json.loads(path.read_text()))
+        fix = "restore it, or save the adapter again"
+        raw = path.read_bytes()
+        if not raw.strip():
+            raise ValueError(f"{path} is empty; it should hold the adapter's settings as JSON: {fix}")
+        try:
+            data = json.loads(raw.decode("utf-8-sig"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not text (byte {err.start} is not UTF-8; a binary file?): {fix}") from None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
+                             f"{fix}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} holds a JSON {_JSON_KINDS.get(type(data), type(data).__name__)} "
+                             f"({_short(json.dumps(data))}), not an object of LoraConfig fields like {{\"r\": 8}}: {fix}")
+        try:
+            return cls.from_dict(data)
+        except TypeError as err:
+            raise TypeError(f"{path}: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # PEFT bookkeeping keys that do not change what the adapter computes.
