@@ -15,7 +15,7 @@ from torch import nn
 from qlora_inject.backends.dense import is_conv1d
 from qlora_inject.config import LoraConfig
 from qlora_inject.lora import AdapterSpec, LoraLinear
-from qlora_inject.modules_to_save import ModulesToSaveWrapper
+from qlora_inject.modules_to_save import ModulesToSaveWrapper, check_trainable_in_full
 from qlora_inject.registry import require_backend
 from qlora_inject.selfcheck import layer_key, verify_layout
 from qlora_inject.targeting import iter_modules, name_matches, replace_module, select
@@ -220,6 +220,8 @@ def _plan_modules_to_save(model: nn.Module, config: LoraConfig):
     for name, module in iter_modules(model):
         if isinstance(module, LoraLinear) or not name_matches(name, config.modules_to_save):
             continue
+        if not isinstance(module, ModulesToSaveWrapper):
+            check_trainable_in_full(module, name, config.modules_to_save)
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         plan.append((name, module, wrapper, wrapper.build_copy()))
     if not plan:
@@ -235,12 +237,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"adapter {adapter_name!r} is not in this model (adapters: {adapter_names(model)})")
     for name, module in list(iter_modules(model)):
         if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
-            for table in (module.lora_A, module.lora_B, module.lora_dropout, module.lora_magnitude_vector):
-                if adapter_name in table:
-                    del table[adapter_name]
-            for table in (module.r, module.lora_alpha, module.scaling, module.lora_compute_dtype):
-                del table[adapter_name]
-            module.active_adapters = [a for a in module.active_adapters if a != adapter_name]
+            module.delete_adapter(adapter_name)                   # a merged adapter is unmerged first
             if not module.lora_A:
                 replace_module(model, name, module.base_layer)
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:

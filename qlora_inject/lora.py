@@ -15,6 +15,8 @@ adapter parameters may be stored in fp32; the LoRA term is added into the base o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -344,25 +346,37 @@ class LoraLinear(nn.Module):
         if not names:
             return None
         probe = self._probe(probe_tokens)
-        with torch.no_grad():
-            saved_active = self.active_adapters
-            self.active_adapters = list(dict.fromkeys([*saved_active, *names]))
-            try:
-                reference = self(probe).float()
-                weight = self._merged_weight(self.base_layer, names)
-                merged = self.backend.requantize(self.base_layer, weight)
-                _freeze_like(merged, self.base_layer)
-                if self.unmerged_base is None:
-                    self.__dict__["unmerged_base"] = self.base_layer
-                self.base_layer = merged
-                self.merged_adapters.extend(names)
-                output = self(probe).float()
-            finally:
-                self.active_adapters = saved_active
+        with torch.no_grad(), self._probing([*self.active_adapters, *names]):
+            reference = self(probe).float()
+            weight = self._merged_weight(self.base_layer, names)
+            merged = self.backend.requantize(self.base_layer, weight)
+            _freeze_like(merged, self.base_layer)
+            if self.unmerged_base is None:
+                self.__dict__["unmerged_base"] = self.base_layer
+            self.base_layer = merged
+            self.merged_adapters.extend(names)
+            output = self(probe).float()
         error = (output - reference).norm()
         signal = reference.norm().clamp_min(1e-12)
         sqnr = 20 * torch.log10(signal / error.clamp_min(1e-12))
         return MergeResult(tuple(names), (error / signal).item(), sqnr.item())
+
+    @contextmanager
+    def _probing(self, adapter_names: list[str]) -> Iterator[None]:
+        """For the merge probe: `adapter_names` active and enabled, dropout off (the adapter's expected output,
+        as in eval mode); the base module's own mode is left alone. Everything is restored on exit."""
+        modules = [self, *self.lora_dropout.modules()]
+        modes = [m.training for m in modules]
+        saved = self.active_adapters, self.disable_adapters
+        self.active_adapters, self.disable_adapters = list(dict.fromkeys(adapter_names)), False
+        for module in modules:
+            module.training = False
+        try:
+            yield
+        finally:
+            self.active_adapters, self.disable_adapters = saved
+            for module, mode in zip(modules, modes, strict=True):
+                module.training = mode
 
     def unmerge(self) -> None:
         """Put the original base module back (bit-identical: it is the same object)."""
@@ -370,6 +384,22 @@ class LoraLinear(nn.Module):
             self.base_layer = self.unmerged_base
             self.__dict__["unmerged_base"] = None
         self.merged_adapters = []
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove one adapter from this layer. A merged one is unmerged first: the original base comes back,
+        and adapters that stay merged are merged again into it, so no trace of the deleted one is kept."""
+        remerge = None
+        if adapter_name in self.merged_adapters:
+            remerge = [n for n in self.merged_adapters if n != adapter_name]
+            self.unmerge()
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+            if adapter_name in table:
+                del table[adapter_name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_compute_dtype):
+            table.pop(adapter_name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        if remerge:
+            self.merge(remerge)
 
     def merged_dense(self, adapter_names: list[str], dtype: torch.dtype) -> nn.Linear:
         """A plain `nn.Linear` holding dequantize(base) + Σ s·B A for `adapter_names`, in `dtype`."""

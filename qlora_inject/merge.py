@@ -50,7 +50,8 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
     """
     for name, module in list(iter_modules(model)):
         if isinstance(module, LoraLinear):
-            names = adapter_names or module.active_adapters
+            # Adapters merged before stay merged, in both forms (the quantized merge folds new ones in on top).
+            names = list(dict.fromkeys([*module.merged_adapters, *(adapter_names or module.active_adapters)]))
             if dequantize:
                 target_dtype = dtype or next(iter(module.lora_compute_dtype.values()), None) or torch.float32
                 replacement = module.merged_dense(names, target_dtype)

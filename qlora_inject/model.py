@@ -49,6 +49,7 @@ class LoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        _refuse_adapted(model, adapter_name)
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self.reports: dict[str, InjectionReport] = {}
@@ -105,7 +106,8 @@ class LoraModel(nn.Module):
                                                               combination_type, svd_rank)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter; layers left without adapters get their base module back."""
+        """Remove an adapter; layers left without adapters get their original base module back. A merged
+        adapter is unmerged first (adapters that stay merged are merged again into the original base)."""
         delete_adapter(self.model, adapter_name)
         self.peft_config.pop(adapter_name, None)
         self.reports.pop(adapter_name, None)
@@ -169,7 +171,10 @@ class LoraModel(nn.Module):
         return merged
 
     def unload(self) -> nn.Module:
-        """The model with every adapter removed and its original layers (and modules) back, nothing merged."""
+        """The model with every adapter removed and its original layers (and modules) back, nothing merged:
+        merged adapters are unmerged first, so the bases are the original modules, bit for bit (as PEFT's
+        `unload`; `merge_and_unload` keeps the merge)."""
+        self.unmerge_adapter()
         for name in list(self.peft_config):
             self.delete_adapter(name)
         unfuse_llama_ops(self.model)
@@ -234,6 +239,23 @@ class LoraModel(nn.Module):
         lora_model = cls(model, config, adapter_name)
         _fill_loaded(model, tensors, adapter_name, flags, is_trainable, config.bias)
         return lora_model if is_trainable else lora_model.eval()
+
+
+def _refuse_adapted(model: nn.Module, adapter_name: str) -> None:
+    """A model that already holds adapters gets more through the object that owns them, not a second facade
+    (two facades over one model disagree about which adapters exist)."""
+    if isinstance(model, LoraModel):
+        raise ValueError(
+            f"model is already a LoraModel (adapters: {list(model.peft_config)}); add the adapter to it with "
+            f"model.add_adapter({adapter_name!r}, config) instead of wrapping it again"
+        )
+    existing = adapter_names(model)
+    if existing:
+        raise ValueError(
+            f"model already holds LoRA adapters {existing} (it is a LoraModel's .model, or was given them by "
+            f"qlora_inject.inject); call add_adapter({adapter_name!r}, config) on the LoraModel that owns it, "
+            f"qlora_inject.inject(model, config, {adapter_name!r}) for the functional form, or unload() first"
+        )
 
 
 def _grad_flags(model: nn.Module) -> dict[str, bool]:

@@ -12,6 +12,29 @@ import torch
 from torch import nn
 
 
+def check_trainable_in_full(module: nn.Module, name: str, modules_to_save: list[str] | str) -> None:
+    """Refuse a module whose weights cannot train in full: a quantized layer, or one holding integer parameters.
+
+    Raises:
+        ValueError: Naming the module, its format, and the fix (LoRA through `target_modules`).
+    """
+    from qlora_inject.registry import find_backend
+
+    backend = find_backend(module)
+    if backend is not None and backend.name != "dense":
+        what = f"a {backend.name} quantized layer ({type(module).__name__})"
+    else:
+        packed = [n for n, p in module.named_parameters() if not p.is_floating_point()]
+        if not packed:
+            return
+        what = f"a {type(module).__name__} with non-float parameters {packed}"
+    raise ValueError(
+        f"modules_to_save={modules_to_save!r} names {name!r}, {what}, which cannot be trained in full "
+        "(its weights are not floating point); put it in target_modules to train it with LoRA, or remove it "
+        "from modules_to_save"
+    )
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Routes calls to the active adapter's trainable copy, or to the original when none is active."""
 

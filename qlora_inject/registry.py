@@ -26,6 +26,10 @@ class Backend(Protocol):
     #                          W instead of the forward. Absent: always exact.
     #   reference_forward(module, x)  the owning library's own computation, for the layout self-check,
     #                          when `forward` is ours rather than the module's.
+    #   module_forward_rtol(module, dtype) -> float  where the base output (adapters disabled included) is
+    #                          computed here rather than by the module's own forward, and the module's own
+    #                          forward computes in another precision: the relative (norm) difference to
+    #                          expect between the two for inputs of `dtype`. Absent: not declared.
     #   fused = True           `dequantize` takes an `out=` scratch (it may ignore it): training then runs
     #                          the base and its plain LoRA adapters as one op (kernels/fused_lora.py),
     #                          whose forward is x·dequantize(W)ᵀ + module.bias, or `forward` itself
@@ -144,6 +148,13 @@ def forward_is_exact(backend: Backend, module: nn.Module, device: torch.device) 
     rounding (the backend's `forward_is_exact`, True where it has none)."""
     check = getattr(backend, "forward_is_exact", None)
     return True if check is None else bool(check(module, device))
+
+
+def module_forward_rtol(backend: Backend, module: nn.Module, dtype: torch.dtype) -> float | None:
+    """How far (relative, in norm) the wrapped base output may be from `module`'s own forward for inputs of
+    `dtype`, as the backend declares it (`module_forward_rtol`); None where it declares nothing."""
+    declared = getattr(backend, "module_forward_rtol", None)
+    return None if declared is None else float(declared(module, dtype))
 
 
 def class_is(module: nn.Module, class_name: str, module_prefix: str) -> bool:

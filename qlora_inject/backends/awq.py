@@ -68,6 +68,14 @@ class AwqBackend:
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return dequantized_linear(x, lambda: self.dequantize(module), getattr(module, "bias", None))
 
+    def module_forward_rtol(self, module: nn.Module, dtype: torch.dtype) -> float:
+        """The base output here is x·dequantize(W)ᵀ + b in the input's dtype, from the untouched scales. The
+        modules' own forwards compute in half precision (GPTQModel's `AwqTorchLinear`: fp32 inputs in fp16,
+        after rewriting its own scales and bias to that dtype; AutoAWQ's kernels in fp16), so the two differ
+        by that dtype's rounding: its machine epsilon, relative."""
+        own = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return torch.finfo(own).eps
+
     def reference_forward(self, module: nn.Module, x: Tensor) -> Tensor:
         """The owning library's own computation, for the layout self-check."""
         if is_gptqmodel_layer(module) and can_train(module):
