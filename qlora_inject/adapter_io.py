@@ -131,7 +131,8 @@ def check_and_copy(model: nn.Module, tensors: dict[str, Tensor], adapter_name: s
     base is never written from an adapter file.
 
     Raises:
-        ValueError: Naming every missing, unexpected and mis-shaped key; nothing is copied then.
+        ValueError: Naming every missing, unexpected, mis-shaped and integer-typed key; nothing is
+            copied then.
     """
     state = model.state_dict()
     mapped = {peft_key_to_model_key(k, adapter_name, state.keys()): v for k, v in tensors.items()}
@@ -141,12 +142,15 @@ def check_and_copy(model: nn.Module, tensors: dict[str, Tensor], adapter_name: s
     unexpected = sorted(k for k in mapped if k not in allowed)
     misshaped = sorted(f"{k}: file {tuple(v.shape)}, model {tuple(state[k].shape)}"
                        for k, v in mapped.items() if k in state and state[k].shape != v.shape)
-    if missing or unexpected or misshaped:
+    mistyped = sorted(f"{k}: file {v.dtype}, model {state[k].dtype}" for k, v in mapped.items()
+                      if k in allowed and state[k].is_floating_point() and not v.is_floating_point())
+    if missing or unexpected or misshaped or mistyped:
         def shown(keys: list[str]) -> list[str]:                            # as the file names them
             return [k.replace(f".{adapter_name}.", ".") for k in keys[:5]]
 
         parts = [f"{label} ({len(keys)}): {shown(keys)}{' …' if len(keys) > 5 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                                     ("not floating-point", mistyped))
                  if keys]
         raise ValueError(
             f"adapter weights do not fit the model: {'; '.join(parts)}. "

@@ -177,6 +177,20 @@ def replace_folder(final: str | os.PathLike, write: Callable[[Path], None],
             if owned is not None:
                 _carry_over(final, staging, owned)
         _fsync_tree(staging)
+        swapped = _swap(staging, final, aside)
+    except BaseException:
+        if aside.exists() and not final.exists():
+            os.rename(aside, final)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not swapped:                                                          # a bind mount the kernel will not move
+        _fill_in_place(final, write, owned)
+    return final
+
+
+def _swap(staging: Path, final: Path, aside: Path) -> bool:
+    """Put the complete `staging` folder in `final`'s place; False (nothing changed) where `final` cannot move."""
+    try:
         if not final.exists():
             os.rename(staging, final)
         elif _exchange(staging, final):                                      # staging now holds the old folder
@@ -185,13 +199,13 @@ def replace_folder(final: str | os.PathLike, write: Callable[[Path], None],
             os.rename(final, aside)
             os.rename(staging, final)
             shutil.rmtree(aside, ignore_errors=True)
-        _fsync_path(final.parent)
-    except BaseException:
-        if aside.exists() and not final.exists():
-            os.rename(aside, final)
+    except OSError as err:
+        if err.errno not in (errno.EBUSY, errno.EXDEV) or aside.exists() or not final.exists():
+            raise
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
+        return False
+    _fsync_path(final.parent)
+    return True
 
 
 def _is_debris(entry: str) -> bool:
@@ -206,7 +220,10 @@ def _real(path: Path) -> Path:
 
 
 def _cannot_swap(final: Path) -> bool:
-    cwd = Path.cwd().resolve()
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:                                                          # the working directory was removed
+        return os.path.ismount(final)
     return os.path.ismount(final) or cwd == final or final in cwd.parents
 
 

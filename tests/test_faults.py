@@ -250,6 +250,34 @@ def test_a_save_keeps_the_users_other_files(tmp_path, monkeypatch, swap):
     assert os.listdir(tmp_path) == ["adapter"]
 
 
+@pytest.mark.parametrize("mount", ["tmpfs", "bind"])
+def test_a_save_into_a_mount_point_replaces_the_files_in_it(tmp_path, mount):
+    folder, source = tmp_path / "adapter", tmp_path / "source"
+    folder.mkdir()
+    source.mkdir()
+    command = ["mount", "-t", "tmpfs", "tmpfs", str(folder)] if mount == "tmpfs" else \
+        ["mount", "--bind", str(source), str(folder)]
+    if subprocess.run(command, capture_output=True).returncode != 0:
+        pytest.skip(f"cannot mount ({mount}) here: needs root")
+    try:
+        _dense_adapter(alpha=8).save_pretrained(folder)
+        (folder / "README.md").write_text("kept\n")
+        _dense_adapter(alpha=32).save_pretrained(folder)                     # the folder itself cannot be renamed
+        assert read_adapter(folder)[0].lora_alpha == 32 and (folder / "README.md").read_text() == "kept\n"
+        assert sorted(os.listdir(folder)) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
+        assert sorted(os.listdir(tmp_path)) == ["adapter", "source"]
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_save_into_the_working_directory_leaves_it_usable(tmp_path, monkeypatch):
+    (tmp_path / "adapter").mkdir()
+    monkeypatch.chdir(tmp_path / "adapter")
+    _dense_adapter(alpha=8).save_pretrained(".")
+    _dense_adapter(alpha=32).save_pretrained(".")
+    assert read_adapter(".")[0].lora_alpha == 32 and os.path.samefile(".", tmp_path / "adapter")
+
+
 def test_a_save_into_a_symlinked_folder_keeps_the_link(tmp_path):
     _dense_adapter(alpha=8).save_pretrained(tmp_path / "real")
     (tmp_path / "link").symlink_to("real")
@@ -276,6 +304,17 @@ def test_base_weights_in_an_adapter_file_are_refused(tmp_path, key):
     with pytest.raises(ValueError, match=rf"unexpected \(1\): \['{key}'\]"):
         LoraModel.from_pretrained(model, tmp_path)
     assert_same_state(before, clone_state(model))
+
+
+def test_integer_adapter_tensors_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _dense_adapter(alpha=8).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    tensors["base_model.model.proj.lora_A.weight"] = tensors["base_model.model.proj.lora_A.weight"].to(torch.int64)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    with pytest.raises(ValueError, match=r"not floating-point \(1\): \['proj\.lora_A\.weight: file torch\.int64"):
+        LoraModel.from_pretrained(Holder(make_dense()), tmp_path)
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
