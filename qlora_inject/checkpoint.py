@@ -6,18 +6,17 @@ A checkpoint is the folder `<output>/checkpoint`:
     trainer_state.safetensors                         optimizer tensors and every RNG state
     trainer_state.json                                step, losses, the run's settings, optimizer groups
 
-It is written whole into a staging sibling `.checkpoint-<step>-<hex>` and renamed into place; the
-previous checkpoint stays, as `.checkpoint-old`, until the new one is in place, so a run killed at
-any moment leaves one whole checkpoint. Staging folders left by a killed write are removed by the
-next write. Folders and files get the mode the user's umask gives, as any file the user writes.
+It is written whole into a staging sibling and swapped into place (`atomic_files.replace_folder`),
+so a run killed at any moment leaves one whole checkpoint, the previous or the new. Staging folders
+left by a killed write are removed by the next write (as are the `.checkpoint-<step>-XXXXXXXX` and
+`.checkpoint-old` folders earlier versions left). Folders and files get the mode the user's umask
+gives, as any file the user writes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +27,11 @@ from torch import Tensor
 
 FORMAT = "qlora-inject-trainer-state/1"
 CHECKPOINT = "checkpoint"
-PREVIOUS = f".{CHECKPOINT}-old"
+LEGACY_PREVIOUS = f".{CHECKPOINT}-old"                  # earlier versions' two-rename scheme
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 LEGACY_STATE = "trainer_state.pt"                        # a pickle, written before FORMAT 1: never read
-_STAGING = re.compile(rf"\.{CHECKPOINT}-\d+-[A-Za-z0-9_]{{8}}")   # ours, and mkdtemp's from older versions
+_LEGACY_STAGING = re.compile(rf"\.{CHECKPOINT}-\d+-[A-Za-z0-9_]{{8}}")   # earlier versions' mkdtemp folders
 _RNG = "rng."
 
 
@@ -47,21 +46,9 @@ class TrainerState:
     rng: dict[str, Tensor]                               # "rng.torch", "rng.data", "rng.cuda.<i>"
 
 
-def new_folder(parent: Path, prefix: str) -> Path:
-    """Create a new, uniquely named folder `parent/<prefix><hex>` with the umask's mode (mkdtemp's is 0700)."""
-    for _ in range(100):
-        path = parent / f"{prefix}{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a new folder named {prefix}… in {str(parent)!r}")
-
-
-def remove_stale_staging(output: Path) -> list[Path]:
-    """Remove checkpoint staging folders a killed write left in `output` (only names this module makes)."""
-    stale = [p for p in output.iterdir() if p.is_dir() and not p.is_symlink() and _STAGING.fullmatch(p.name)]
+def remove_legacy_staging(output: Path) -> list[Path]:
+    """Remove the staging folders earlier versions' killed writes left in `output` (only their names)."""
+    stale = [p for p in output.iterdir() if p.is_dir() and not p.is_symlink() and _LEGACY_STAGING.fullmatch(p.name)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
@@ -90,34 +77,29 @@ def write_checkpoint(output: Path, lora_model, optimizer: torch.optim.Optimizer,
     """Write adapter + trainer state to `output/checkpoint` as one unit; return that folder."""
     from safetensors.torch import save
 
-    from qlora_inject.adapter_io import save_adapter
+    from qlora_inject.adapter_io import adapter_files, write_files
+    from qlora_inject.atomic_files import replace_folder
 
     output.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(output)
-    staging = new_folder(output, f".{CHECKPOINT}-{step}-")
-    try:
-        name = lora_model.active_adapters[0]
-        save_adapter(lora_model.model, staging, lora_model.peft_config[name], name)
-        tensors, groups = _split_optimizer(optimizer.state_dict())
-        tensors.update(capture_rng(data_order))
-        _write(staging / STATE_TENSORS, save(tensors, metadata={"format": "pt"}))
-        document = {"format": FORMAT, "step": step, "losses": losses, "settings": settings or {}, "optimizer": groups}
-        _write(staging / STATE_JSON, (json.dumps(document, indent=1) + "\n").encode())
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    final, previous = output / CHECKPOINT, output / PREVIOUS
-    if final.exists():                                   # else `previous` is the only whole one: keep it
-        shutil.rmtree(previous, ignore_errors=True)
-        final.rename(previous)
-    staging.rename(final)
-    shutil.rmtree(previous, ignore_errors=True)
+    remove_legacy_staging(output)
+    name = lora_model.active_adapters[0]
+    files = adapter_files(lora_model.model, lora_model.peft_config[name], name)
+    tensors, groups = _split_optimizer(optimizer.state_dict())
+    tensors.update(capture_rng(data_order))
+    files[STATE_TENSORS] = save(tensors, metadata={"format": "pt"})
+    document = {"format": FORMAT, "step": step, "losses": losses, "settings": settings or {}, "optimizer": groups}
+    files[STATE_JSON] = (json.dumps(document, indent=1) + "\n").encode()
+    final = replace_folder(output / CHECKPOINT, lambda staging: write_files(staging, files))
+    shutil.rmtree(output / LEGACY_PREVIOUS, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(output: Path) -> Path | None:
-    """The checkpoint to resume from (the previous one if a run died between two renames)."""
-    for candidate in (output / CHECKPOINT, output / PREVIOUS):
+    """The checkpoint to resume from (put back first if a write was killed mid-swap)."""
+    from qlora_inject.atomic_files import recover_folder
+
+    recover_folder(output / CHECKPOINT)
+    for candidate in (output / CHECKPOINT, output / LEGACY_PREVIOUS):           # the latter: refused as old
         if candidate.is_dir():
             return candidate
     return None
@@ -213,12 +195,5 @@ def _join_optimizer(groups: dict[str, Any], tensors: dict[str, Tensor], damaged:
     return {"state": state, "param_groups": param_groups}
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-__all__ = ["CHECKPOINT", "TrainerState", "latest_checkpoint", "load_optimizer_state", "new_folder",
-           "read_trainer_state", "remove_stale_staging", "restore_rng", "write_checkpoint"]
+__all__ = ["CHECKPOINT", "TrainerState", "latest_checkpoint", "load_optimizer_state", "read_trainer_state",
+           "remove_legacy_staging", "restore_rng", "write_checkpoint"]

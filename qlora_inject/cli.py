@@ -6,7 +6,6 @@ Bad input is reported as one line on stderr with exit status 2, never a tracebac
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import tempfile
@@ -163,7 +162,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from qlora_inject.checkpoint import new_folder
+    from qlora_inject.atomic_files import replace_folder
     from qlora_inject.model import LoraModel
 
     if args.out.exists() and any(args.out.iterdir()):
@@ -173,23 +172,15 @@ def run_merge(args: argparse.Namespace) -> int:
                          "transformers; add --dequantize for a dense model")
     model = LoraModel.from_pretrained(_load(args.base, args.quant), args.adapter)
     merged = model.merge_and_unload(dequantize=args.dequantize)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    stale = re.compile(rf"\.{re.escape(args.out.name)}\.merging-[0-9a-f]{{8}}")    # left by a killed merge
-    for path in args.out.parent.iterdir():
-        if path.is_dir() and not path.is_symlink() and stale.fullmatch(path.name):
-            shutil.rmtree(path, ignore_errors=True)
-    staging = new_folder(args.out.parent, f".{args.out.name}.merging-")            # the umask's mode, as `out`'s
-    try:
+
+    def write(staging: Path) -> None:                  # a fresh folder with the umask's mode, swapped in whole
         merged.save_pretrained(staging)
-        if args.base != BUILTIN:
+        if args.base != BUILTIN:                       # so the merged folder loads on its own
             for name in TOKENIZER_FILES:
                 if (Path(args.base) / name).is_file() and not (staging / name).exists():
                     shutil.copy2(Path(args.base) / name, staging / name)
-        if args.out.exists():
-            args.out.rmdir()
-        staging.rename(args.out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    replace_folder(args.out, write)
     kind = "dense" if args.dequantize else args.quant
     print(f"merged {args.adapter} into {args.base} ({kind}); saved to {args.out}")
     return 0

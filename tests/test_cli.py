@@ -33,6 +33,8 @@ def test_default_job_lowers_the_loss_and_writes_its_files(trained):
                  "checkpoint/trainer_state.json", "checkpoint/trainer_state.safetensors"):
         assert (trained / name).is_file(), name
     assert not [p for p in trained.iterdir() if p.name.startswith(".checkpoint")]     # no staging left over
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "builtin"                      # as `merge builtin` takes it
 
 
 @requires("peft")
@@ -53,27 +55,6 @@ def test_the_saved_adapter_loads_in_peft_with_identical_outputs(trained, tmp_pat
     ours.eval(), theirs.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
-
-
-def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
-    real_write = train.write_checkpoint
-
-    def write_then_die(output, model, optimizer, step, *rest):
-        path = real_write(output, model, optimizer, step, *rest)
-        if step == 5:
-            raise KeyboardInterrupt("killed right after the step-5 checkpoint")
-        return path
-
-    monkeypatch.setattr(train, "write_checkpoint", write_then_die)
-    options = train.TrainOptions(steps=9, save_every=5, output=tmp_path, progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(options, log=lambda _: None)
-    first_five = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["losses"]
-    monkeypatch.setattr(train, "write_checkpoint", real_write)
-    assert run("train", "--steps", "9", "--save-every", "5", "--output", str(tmp_path), "--resume",
-               "--no-progress") == 0
-    losses = json.loads((tmp_path / "losses.json").read_text())
-    assert len(losses) == 9 and losses[:5] == first_five
 
 
 def test_training_with_fused_ops_follows_the_unfused_run(tmp_path):
@@ -114,6 +95,8 @@ def test_merge_exports_a_dense_model_with_the_adapted_outputs(trained, tmp_path)
     (["train", "--quant", "int3"], r"argument --quant: invalid choice: 'int3'"),
     (["train", "--target-modules", "q_porj", "--steps", "1"], r"'q_porj' matches no module.*did you mean \['q_proj'"),
     (["train", "--steps", "0"], r"--steps 0 must be at least 1"),
+    (["train", "--alpha", "nan"], r"--alpha nan must be a finite number, e.g. 32"),
+    (["train", "--alpha=-inf"], r"--alpha -inf must be a finite number"),
     (["inspect", "/nowhere"], r"model '/nowhere' does not exist"),
 ])
 def test_bad_arguments_give_one_line_and_a_non_zero_exit(argv, message, capsys):
@@ -137,3 +120,38 @@ def test_a_data_file_that_is_not_text_is_refused(tmp_path, capsys):
     bad_jsonl.write_text('{"text": "fine"}\n{"prompt": "no text field"}\n')
     assert run("train", "--data", str(bad_jsonl), "--steps", "1", "--output", str(tmp_path / "o")) == 2
     assert 'line 2 has no string "text" field' in capsys.readouterr().err
+
+
+def test_merge_copies_the_base_tokenizer_and_gets_the_umask(tmp_path):
+    import stat
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from qlora_inject import LoraConfig, LoraModel
+
+    base = train.build_default_model(tmp_path / "base", hidden=64, layers=1)
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(base)
+    LoraModel(train.load_model(base, "none"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter")
+    previous = __import__("os").umask(0o022)
+    try:
+        assert run("merge", str(base), str(tmp_path / "adapter"), str(tmp_path / "out"), "--quant", "none") == 0
+    finally:
+        __import__("os").umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("hello world")["input_ids"] == [1, 2]
+
+
+def test_merge_with_a_config_that_is_not_an_object_is_one_line(trained, tmp_path, capsys):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained, adapter, ignore=shutil.ignore_patterns("checkpoint"))
+    (adapter / "adapter_config.json").write_text("[1]")
+    assert run("merge", "builtin", str(adapter), str(tmp_path / "out")) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "adapter_config.json" in error, error
+    assert not (tmp_path / "out").exists()
