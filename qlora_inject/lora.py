@@ -27,6 +27,7 @@ from qlora_inject import dora, init_schemes
 from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
 from qlora_inject.kernels.lora_batched import lora_gathered_any, stack_adapters
 from qlora_inject.kernels.workspace import scratch
+from qlora_inject.mixed_batch import assigned_adapters
 from qlora_inject.registry import Backend, find_backend, forward_is_exact
 
 BASE_ADAPTER = "__base__"                                                     # "no adapter" in a mixed batch
@@ -86,7 +87,9 @@ class LoraLinear(nn.Module):
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.batch_adapters: list[str] | None = None                          # one name per sample, while set
+        # One adapter name per sample, set by hand on this module (not thread-safe). LoraModel's
+        # `adapter_names=` does not use it: its assignment travels with the call (`sample_adapters`).
+        self.batch_adapters: list[str] | None = None
         # Train through one fused op (base + adapters) where the backend allows it; False forces the
         # unfused path (the base's own forward, then each adapter's term), e.g. to compare the two.
         self.fuse = True
@@ -192,7 +195,7 @@ class LoraLinear(nn.Module):
         result = self.base_output(x)
         if self.disable_adapters:
             return result
-        if self.batch_adapters is not None:
+        if self.sample_adapters() is not None:
             return self._add_lora_per_sample(result, x)
         for name in self.active_adapters:
             if name in self.lora_A and name not in self.merged_adapters:
@@ -239,7 +242,7 @@ class LoraLinear(nn.Module):
     def _forward_fused(self, x: Tensor) -> Tensor | None:
         """The base and every active plain-LoRA adapter as one fused op, where `_fused_base` allows it;
         not for DoRA adapters, mixed batches, or adapters computing in a dtype other than the base's."""
-        if self.disable_adapters or self.batch_adapters is not None:
+        if self.disable_adapters or self.sample_adapters() is not None:
             return None
         names = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
         if not names or any(n in self.lora_magnitude_vector for n in names):
@@ -262,9 +265,15 @@ class LoraLinear(nn.Module):
             adapters.append((A, B, AdapterTerm(self.scaling[name], p)))
         return fused_lora_linear(x, bias, dequantize, dtype, adapters, self.training, own_forward)
 
+    def sample_adapters(self) -> list[str] | None:
+        """One adapter name per sample for the running call (a mixed batch), or None: the assignment made
+        by the current call's `LoraModel(..., adapter_names=...)` (per thread and task), else `batch_adapters`."""
+        assigned = assigned_adapters(self)
+        return assigned if assigned is not None else self.batch_adapters
+
     def _add_lora_per_sample(self, result: Tensor, x: Tensor) -> Tensor:
-        """Mixed batch: sample i gets adapter `batch_adapters[i]` (`"__base__"`: none)."""
-        names = self.batch_adapters
+        """Mixed batch: sample i gets adapter `sample_adapters()[i]` (`"__base__"`: none)."""
+        names = self.sample_adapters()
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} samples; "
                              "give one adapter name per sample")

@@ -30,6 +30,7 @@ from qlora_inject.inject import (
 )
 from qlora_inject.lora import BASE_ADAPTER, LoraLinear, MergeResult
 from qlora_inject.merge import merge, merge_and_unload, unmerge
+from qlora_inject.mixed_batch import assign_adapters
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
 
 
@@ -72,19 +73,15 @@ class LoraModel(nn.Module):
 
     @contextmanager
     def mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
-        """Inside it, sample i of every batch uses adapter `adapter_names[i]` (`"__base__"`: none)."""
+        """Inside it, sample i of every batch uses adapter `adapter_names[i]` (`"__base__"`: none), in this
+        thread or asyncio task only: concurrent calls with other names do not see it."""
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names names {unknown}, which do not exist; adapters: "
                              f"{list(self.peft_config)} (or {BASE_ADAPTER!r} for the base alone)")
         wrappers = [m for m in self.model.modules() if isinstance(m, (LoraLinear, ModulesToSaveWrapper))]
-        for module in wrappers:
-            module.batch_adapters = list(adapter_names)
-        try:
+        with assign_adapters(wrappers, adapter_names):                  # this call's (thread's, task's) only
             yield
-        finally:
-            for module in wrappers:
-                module.batch_adapters = None
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with its LoRA layers in place)."""

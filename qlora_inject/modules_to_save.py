@@ -11,6 +11,8 @@ import copy
 import torch
 from torch import nn
 
+from qlora_inject.mixed_batch import assigned_adapters
+
 
 def check_trainable_in_full(module: nn.Module, name: str, modules_to_save: list[str] | str) -> None:
     """Refuse a module whose weights cannot train in full: a quantized layer, or one holding integer parameters.
@@ -44,7 +46,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.disable_adapters = False
-        self.batch_adapters: list[str] | None = None                          # one name per sample, while set
+        self.batch_adapters: list[str] | None = None             # per sample, set by hand (see LoraLinear)
 
     def build_copy(self) -> nn.Module:
         """A trainable copy of the original, not yet attached."""
@@ -72,9 +74,10 @@ class ModulesToSaveWrapper(nn.Module):
         return self.active_module.weight
 
     def forward(self, x, *args, **kwargs):
-        if self.batch_adapters is None or self.disable_adapters:
+        names = assigned_adapters(self)
+        names = self.batch_adapters if names is None else names
+        if names is None or self.disable_adapters:
             return self.active_module(x, *args, **kwargs)
-        names = self.batch_adapters
         groups = {name: [i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)}
         outputs, order = [], []
         for name, rows in groups.items():
