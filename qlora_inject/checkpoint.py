@@ -69,7 +69,11 @@ def restore_rng(states: dict[str, Tensor], data_order: torch.Generator) -> None:
     data_order.set_state(states[f"{_RNG}data"])
     cuda = [states[k] for k in sorted(states) if k.startswith(f"{_RNG}cuda.")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+        try:
+            torch.cuda.set_rng_state_all(cuda)
+        except RuntimeError as err:
+            raise ValueError(f"the checkpoint's CUDA RNG states are not valid ({err}); start over without --resume") \
+                from None
 
 
 def write_checkpoint(output: Path, lora_model, optimizer: torch.optim.Optimizer, step: int, losses: list[float],
@@ -142,7 +146,8 @@ def read_trainer_state(folder: Path) -> TrainerState:
             from None
     rng = {k: v for k, v in tensors.items() if k.startswith(_RNG)}
     for key in (f"{_RNG}torch", f"{_RNG}data"):
-        if key not in rng or rng[key].dtype != torch.uint8 or rng[key].shape != torch.get_rng_state().shape:
+        if key not in rng or rng[key].dtype != torch.uint8 or rng[key].shape != torch.get_rng_state().shape \
+                or not _valid_generator_state(rng[key]):
             raise ValueError(f"{folder / STATE_TENSORS} has no valid {key!r} state; start over without --resume")
     optimizer = _join_optimizer(groups, {k: v for k, v in tensors.items() if not k.startswith(_RNG)}, damaged)
     return TrainerState(step, [float(x) for x in losses], settings, optimizer, rng)
@@ -163,6 +168,14 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{source} does not fit this model's optimizer ({err}); start over without --resume") \
             from None
+
+
+def _valid_generator_state(state: Tensor) -> bool:
+    try:
+        torch.Generator().set_state(state)                # a scratch generator: checks, changes nothing
+    except RuntimeError:
+        return False
+    return True
 
 
 def _split_optimizer(state_dict: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:

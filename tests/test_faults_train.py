@@ -94,7 +94,7 @@ def test_resume_never_unpickles_a_crafted_state_file(run_copy, model_dir, tmp_pa
 
 
 @pytest.mark.parametrize("damage", ["truncated json", "truncated tensors", "json list", "losses short",
-                                    "config [1]"])
+                                    "rng garbage", "config [1]"])
 def test_a_damaged_checkpoint_is_one_line_and_exit_2(run_copy, model_dir, damage, capsys):
     checkpoint = run_copy / CHECKPOINT
     if damage == "truncated json":
@@ -105,6 +105,11 @@ def test_a_damaged_checkpoint_is_one_line_and_exit_2(run_copy, model_dir, damage
         (checkpoint / STATE_TENSORS).write_bytes(data[:len(data) // 2])
     elif damage == "json list":
         (checkpoint / STATE_JSON).write_text("[1]")
+    elif damage == "rng garbage":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(checkpoint / STATE_TENSORS)
+        save_file(tensors | {"rng.torch": torch.zeros_like(tensors["rng.torch"])}, checkpoint / STATE_TENSORS)
     elif damage == "losses short":
         document = json.loads((checkpoint / STATE_JSON).read_text())
         (checkpoint / STATE_JSON).write_text(json.dumps(document | {"losses": document["losses"][:1]}))
@@ -152,6 +157,74 @@ def test_checkpoint_folders_and_files_get_the_umask(tmp_path):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o755
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {
         name: 0o644 for name in ("adapter_model.safetensors", "adapter_config.json", STATE_JSON, STATE_TENSORS)}
+
+
+def keep_writing_checkpoints(output, ready) -> None:
+    """In a forked child: write checkpoints of step 1, 2, ... until killed; the step is in every weight."""
+    torch.set_num_threads(1)
+    model, optimizer = tiny_lora()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ready.set()
+    for step in range(1, 10**6):
+        with torch.no_grad():
+            for p in trainable:
+                p.fill_(step)
+        write_checkpoint(output, model, optimizer, step, [0.0] * step, torch.Generator())
+
+
+def test_a_checkpoint_write_killed_at_any_moment_leaves_one_whole_checkpoint(tmp_path):
+    import multiprocessing
+    import random
+    import signal
+    import time
+
+    from qlora_inject.adapter_io import read_adapter
+    from qlora_inject.checkpoint import latest_checkpoint, read_trainer_state
+
+    fork = multiprocessing.get_context("fork")           # the child starts in milliseconds, modules imported
+    model, optimizer = tiny_lora()
+    rng, output, whole = random.Random(0), tmp_path / "run", 0
+    for trial in range(12):
+        ready = fork.Event()
+        child = fork.Process(target=keep_writing_checkpoints, args=(output, ready), daemon=True)
+        child.start()
+        assert ready.wait(timeout=30), "the writer did not start"
+        time.sleep(rng.uniform(0.0, 0.15))
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+        folder = latest_checkpoint(output)
+        if folder is None:                                # killed before its first write ended
+            continue
+        state = read_trainer_state(folder)
+        _, tensors = read_adapter(folder)
+        assert state.step >= 1 and all(bool((t == state.step).all()) for t in tensors.values()), trial
+        whole += 1
+        write_checkpoint(output, model, optimizer, 1, [1.0], torch.Generator())    # removes the debris
+        assert [p.name for p in output.iterdir()] == [CHECKPOINT]
+        shutil.rmtree(output)
+    assert whole >= 6
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_no_debris(tmp_path, monkeypatch):
+    import errno
+
+    import qlora_inject.adapter_io
+    from qlora_inject.checkpoint import latest_checkpoint, read_trainer_state
+
+    model, optimizer = tiny_lora()
+    write_checkpoint(tmp_path, model, optimizer, 1, [1.0], torch.Generator())
+    real_write_file = qlora_inject.adapter_io.write_file
+
+    def disk_full_at_state(path, data, *rest):
+        if path.name == STATE_TENSORS:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write_file(path, data, *rest)
+
+    monkeypatch.setattr(qlora_inject.adapter_io, "write_file", disk_full_at_state)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_checkpoint(tmp_path, model, optimizer, 2, [1.0, 0.5], torch.Generator())
+    assert read_trainer_state(latest_checkpoint(tmp_path)).step == 1
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT]
 
 
 # --- 7: a resume continues the checkpoint's run, or is refused ----------------------------------------
