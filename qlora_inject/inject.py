@@ -97,6 +97,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a qlora_inject.LoraConfig, got {type(config).__name__}")
     config.validate()
+    if getattr(type(model), "__module__", "") == "qlora_inject.model":          # a LoraModel: keep its records
+        raise ValueError(f"model is a LoraModel; add the adapter with model.add_adapter({adapter_name!r}, config), "
+                         "which records its config (inject on it would leave the LoraModel out of sync)")
     existing = adapter_names(model)
     _check_adapter_name(adapter_name, existing)
 

@@ -139,3 +139,10 @@ def test_gptqmodel_awq_without_adapters_is_the_modules_own_forward_within_the_de
     assert 0 < rtol <= 2 ** -7
     assert ((ours - theirs).norm() / theirs.norm()).item() <= rtol
     assert layer.scales.dtype == scales
+
+
+def test_inject_on_a_lora_model_is_refused_pointing_to_add_adapter():
+    model = LoraModel(Holder(make_dense()), LoraConfig(r=2, target_modules=["proj"]))
+    with pytest.raises(ValueError, match=r"model is a LoraModel; add the adapter with model\.add_adapter\("):
+        inject(model, LoraConfig(r=2, target_modules=["proj"]), "x")
+    assert list(model.model.proj.lora_A) == ["default"]
