@@ -7,9 +7,11 @@
 `B_a` is out × r, both `nn.Linear` without bias in `lora_A[a]` / `lora_B[a]`: PEFT's names, so
 state-dict keys match PEFT's and adapter files need no key mapping.
 
-The adapter path runs in a compute dtype (the base layer's by default, fp16/bf16 on GPU) while the
-adapter parameters may be stored in fp32; the LoRA term is added into the base output with one
-`addmm` when dtypes allow, so no extra passes are made over the (tokens × out) tensor.
+The adapter path runs in the wider of the adapter's compute dtype (the base layer's by default,
+fp16/bf16 on GPU) and the output's dtype, while the adapter parameters may be stored in fp32; the
+LoRA term is added to the base output in the output's dtype (the activations', as the quantized
+module's own forward returns it), with one `addmm` when dtypes allow, so a small term is never
+rounded at a half-precision compute dtype and no extra passes are made over the (tokens × out) tensor.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlora_inject import dora, init_schemes
-from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
+from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear, lora_dtype_for
 from qlora_inject.kernels.lora_batched import lora_gathered_any, stack_adapters
 from qlora_inject.kernels.workspace import scratch
 from qlora_inject.mixed_batch import assigned_adapters
@@ -84,6 +86,7 @@ class LoraLinear(nn.Module):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_compute_dtype: dict[str, torch.dtype | None] = {}
+        self.lora_compute_dtype_given: dict[str, bool] = {}                 # set in the config, not the base's
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -170,6 +173,7 @@ class LoraLinear(nn.Module):
         self.lora_alpha[adapter_name] = spec.lora_alpha
         self.scaling[adapter_name] = spec.scaling
         self.lora_compute_dtype[adapter_name] = spec.compute_dtype or self.backend.compute_dtype(self.base_layer)
+        self.lora_compute_dtype_given[adapter_name] = spec.compute_dtype is not None
 
     def update_layer(self, adapter_name: str, spec: AdapterSpec) -> None:
         """Add one adapter (build and attach)."""
@@ -254,16 +258,29 @@ class LoraLinear(nn.Module):
         if plan is None:
             return None
         dtype, dequantize, bias, own_forward = plan
-        autocast = torch.is_autocast_enabled(x.device.type)
+        lora_dtypes = {self.term_dtype(name, x) for name in names}
+        if len(lora_dtypes) > 1:                                           # one op runs one LoRA dtype
+            return None
         adapters = []
         for name, (A, B) in zip(names, weights, strict=True):
             dropout = self.lora_dropout[name]
-            if not isinstance(dropout, (nn.Dropout, nn.Identity)) or (
-                    not autocast and (self.lora_compute_dtype[name] or x.dtype) != dtype):
+            if not isinstance(dropout, (nn.Dropout, nn.Identity)):
                 return None
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
             adapters.append((A, B, AdapterTerm(self.scaling[name], p)))
-        return fused_lora_linear(x, bias, dequantize, dtype, adapters, self.training, own_forward)
+        return fused_lora_linear(x, bias, dequantize, dtype, adapters, self.training, own_forward, lora_dtypes.pop())
+
+    def term_dtype(self, name: str, x: Tensor) -> torch.dtype:
+        """The dtype adapter `name`'s term runs in for input `x`.
+
+        A compute dtype set in the config is used as given. Otherwise (the base's compute dtype) the
+        wider of it and `x`'s: an fp32 activation keeps an fp32 LoRA term beside a bf16 base matmul,
+        as in PEFT. Under autocast, the autocast dtype.
+        """
+        dtype = self.lora_compute_dtype[name] or x.dtype
+        if self.lora_compute_dtype_given.get(name) and not torch.is_autocast_enabled(x.device.type):
+            return dtype
+        return lora_dtype_for(dtype, x)
 
     def sample_adapters(self) -> list[str] | None:
         """One adapter name per sample for the running call (a mixed batch), or None: the assignment made
@@ -280,7 +297,7 @@ class LoraLinear(nn.Module):
         if self.merged_adapters:
             raise ValueError(f"cannot run a mixed batch while {self.merged_adapters} are merged; unmerge first")
         present = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER and n in self.lora_A]
-        dtypes = {self.lora_compute_dtype[n] or x.dtype for n in present}
+        dtypes = {self.term_dtype(n, x) for n in present}
         if len(present) > 1 and len(dtypes) == 1 and not any(n in self.lora_magnitude_vector for n in present):
             return self._add_lora_gathered(result, x, names, present, dtypes.pop())
         for name in dict.fromkeys(names):
@@ -325,7 +342,7 @@ class LoraLinear(nn.Module):
         return A, B, scaling
 
     def _add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
-        dtype = self.lora_compute_dtype[name] or x.dtype
+        dtype = self.term_dtype(name, x)
         if name in self.lora_magnitude_vector:
             return dora.add_dora(self, result, x, name, dtype)
         weight_A = self.lora_A[name].weight.to(dtype)                         # (r, in)
@@ -404,7 +421,8 @@ class LoraLinear(nn.Module):
         for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if adapter_name in table:
                 del table[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_compute_dtype):
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_compute_dtype,
+                      self.lora_compute_dtype_given):
             table.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
         if remerge:
