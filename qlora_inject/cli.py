@@ -6,6 +6,7 @@ Bad input is reported as one line on stderr with exit status 2, never a tracebac
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
 import sys
 import tempfile
@@ -75,8 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries' import-time warnings that are not about the user's input (a deprecation inside torch, an
+# optional bitsandbytes CPU kernel): with them an error would not be one line. `--debug` shows them.
+QUIET_LOGGERS = ("torch.utils._pytree", "bitsandbytes")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return {"train": run_train, "inspect": run_inspect, "bench": run_bench, "merge": run_merge}[args.command](args)
     except (UsageError, ValueError, TypeError, OSError, ImportError, TrainingDiverged) as err:

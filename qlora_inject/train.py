@@ -369,6 +369,8 @@ def _check(options: TrainOptions) -> None:
         value = getattr(options, name)
         if value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1")
+    if not 0 <= options.seed < 2**64:
+        raise UsageError(f"--seed {options.seed} must be between 0 and 2**64 - 1")
     if not math.isfinite(options.alpha):
         raise UsageError(f"--alpha {options.alpha} must be a finite number, e.g. 32")
     if not (options.lr > 0 and math.isfinite(options.lr)):

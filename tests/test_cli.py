@@ -97,6 +97,7 @@ def test_merge_exports_a_dense_model_with_the_adapted_outputs(trained, tmp_path)
     (["train", "--steps", "0"], r"--steps 0 must be at least 1"),
     (["train", "--alpha", "nan"], r"--alpha nan must be a finite number, e.g. 32"),
     (["train", "--alpha=-inf"], r"--alpha -inf must be a finite number"),
+    (["train", "--seed", str(2**64)], r"--seed 18446744073709551616 must be between 0 and 2\*\*64 - 1"),
     (["inspect", "/nowhere"], r"model '/nowhere' does not exist"),
 ])
 def test_bad_arguments_give_one_line_and_a_non_zero_exit(argv, message, capsys):
