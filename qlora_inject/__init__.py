@@ -9,6 +9,7 @@ wrapped with `LoraLinear`, which keeps the original module as a frozen `base_lay
 
 from qlora_inject.adapter_io import read_adapter, save_adapter
 from qlora_inject.config import LoraConfig
+from qlora_inject.distributed import fsdp_wrap_policy, shard
 from qlora_inject.fused_ops import FusionReport, fuse_llama_ops, unfuse_llama_ops
 from qlora_inject.inject import (
     InjectionReport,
@@ -55,6 +56,7 @@ __all__ = [
     "explain",
     "find_backend",
     "freeze_base",
+    "fsdp_wrap_policy",
     "fuse_llama_ops",
     "get_backend",
     "inject",
@@ -64,6 +66,7 @@ __all__ = [
     "save_adapter",
     "select",
     "set_active_adapters",
+    "shard",
     "unfuse_llama_ops",
     "unregister_backend",
 ]

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qlora_inject import dora, init_schemes
+from qlora_inject.distributed import base_trains, refuse_sharded_adapters, remember_base
 from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear, lora_dtype_for
 from qlora_inject.kernels.lora_batched import lora_gathered_any, stack_adapters
 from qlora_inject.kernels.workspace import scratch
@@ -169,6 +170,7 @@ class LoraLinear(nn.Module):
         if "base_layer" in parts:                                             # PiSSA, OLoRA, LoftQ
             self.base_layer = parts["base_layer"]
             self.backend = find_backend(self.base_layer) or self.backend
+        remember_base(self.base_layer)                                       # the objects injection freezes
         self.r[adapter_name] = spec.r
         self.lora_alpha[adapter_name] = spec.lora_alpha
         self.scaling[adapter_name] = spec.scaling
@@ -193,6 +195,7 @@ class LoraLinear(nn.Module):
     # --- forward --------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        refuse_sharded_adapters(self)                                       # a LoRA Linear as its own FSDP unit
         fused = self._forward_fused(x)
         if fused is not None:
             return fused
@@ -220,13 +223,14 @@ class LoraLinear(nn.Module):
 
         Taken for backends marked `fused` while gradients are needed, and on CPU at inference too
         (where this library's dequantization kernels beat the libraries' CPU paths); not for a
-        trainable base weight. Otherwise (GPU inference, where the owning library's kernels serve
-        best) None, and the base runs its own forward.
+        trainable base weight (as set on the parameters injection froze: FSDP's stand-ins do not
+        count, see `distributed.base_trains`). Otherwise (GPU inference, where the owning library's
+        kernels serve best) None, and the base runs its own forward.
         """
         if not (self.fuse and getattr(self.backend, "fused", False)) or (not needs_grad and x.device.type != "cpu"):
             return None
         base = self.base_layer
-        if any(p.requires_grad for n, p in base.named_parameters() if n != "bias"):
+        if base_trains(base):
             return None
         # Under autocast, the base matmul (and the adapters') would run in the autocast dtype.
         autocast = torch.is_autocast_enabled(x.device.type)

@@ -30,7 +30,12 @@ def _import_bnb():
 
 
 class Bnb4bitBackend:
-    """`bnb.nn.Linear4bit`: packed 4-bit codes in `weight`, scales in `weight.quant_state`."""
+    """`bnb.nn.Linear4bit`: packed 4-bit codes in `weight`, scales in `weight.quant_state`.
+
+    Under FSDP the weight parameter is replaced by a plain tensor or a DTensor that has lost
+    `quant_state`; bitsandbytes keeps a copy on the module (`module.quant_state`), and so does every
+    read here (`_find_quant_state`).
+    """
 
     name = "bnb-4bit"
     fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
@@ -39,19 +44,19 @@ class Bnb4bitBackend:
         weight = getattr(module, "weight", None)
         return class_is(module, "Linear4bit", "bitsandbytes") or (
             hasattr(weight, "quant_state") and hasattr(weight, "quant_type")
-        )
+        )                                                                    # FSDP2 subclasses it: found by MRO
 
     def features(self, module: nn.Module) -> tuple[int, int]:
         _keep_canonical_layout(module)                                       # checked while planning
         if hasattr(module, "in_features"):
             return module.in_features, module.out_features
-        out_features, in_features = module.weight.quant_state.shape
+        out_features, in_features = _quant_state(module).shape
         return in_features, out_features
 
     def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
         if getattr(module, "compute_dtype", None) is not None:
             return module.compute_dtype
-        state = module.weight.quant_state
+        state = _find_quant_state(module)
         return state.dtype if state is not None else None
 
     def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
@@ -191,7 +196,7 @@ def _keep_canonical_layout(module: nn.Module) -> None:
     """
     if getattr(module, "support_avx512bf16_for_cpu", False):
         module.support_avx512bf16_for_cpu = False
-    state = getattr(module.weight, "quant_state", None)
+    state = _find_quant_state(module)
     if state is not None and getattr(state, "packing_format_for_cpu", False):
         raise ValueError(
             f"this {type(module).__name__} was repacked by bitsandbytes for CPU inference (it ran in eval mode "
@@ -200,11 +205,19 @@ def _keep_canonical_layout(module: nn.Module) -> None:
         )
 
 
-def _quant_state(module: nn.Module):
+def _find_quant_state(module: nn.Module):
+    """The layer's `QuantState`: on its weight, or, where FSDP swapped the weight parameter for a plain
+    tensor or DTensor that dropped it, the copy bitsandbytes keeps on the module; None if neither has one."""
     state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else getattr(module, "quant_state", None)
+
+
+def _quant_state(module: nn.Module):
+    state = _find_quant_state(module)
     if state is None:
         raise ValueError(
-            f"{type(module).__name__} has not been quantized yet (weight.quant_state is None); "
+            f"{type(module).__name__} has not been quantized yet (weight.quant_state and module.quant_state "
+            "are None); "
             "bitsandbytes quantizes when the layer is moved to a device: call `.to('cuda')` or `.to('cpu')` first"
         )
     return state

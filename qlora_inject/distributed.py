@@ -1,0 +1,181 @@
+"""More than one process: sharding a LoRA model with torch's engines, and what the rest of the library
+needs to know about them.
+
+    qlora_inject.shard(lora_model)                 # FSDP2: fully_shard per decoder layer, then the root
+    FSDP(lora_model, auto_wrap_policy=qlora_inject.fsdp_wrap_policy(lora_model), use_orig_params=True)
+
+Each decoder layer is one FSDP unit holding its LoRA Linears: the fused op reads `lora_A`/`lora_B`
+weights without running those modules' forward, so they must be gathered with their layer. DDP
+needs nothing from here. The engines also replace parameters (FSDP2 by DTensors, FSDP1 by views of a
+flat parameter that require gradients), so "is this base frozen" is read from the parameter objects
+this library froze (`remember_base`, `base_trains`), not from whatever tensor holds the weight now.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_ORIGINALS = "_qlora_inject_base_params"                                  # base module attribute: name -> weakref
+
+
+def remember_base(base: nn.Module) -> None:
+    """Record `base`'s own parameters (bias aside) as the objects LoRA injection freezes.
+
+    An engine may later swap them (FSDP1's `use_orig_params` views, FSDP2's DTensors); `base_trains`
+    then still reads the flag the user controls: the one on these objects.
+    """
+    base.__dict__[_ORIGINALS] = {name: weakref.ref(param) for name, param in base.named_parameters(recurse=False)
+                                 if name != "bias"}
+
+
+def base_trains(base: nn.Module) -> bool:
+    """Whether any of `base`'s weights (bias aside) is meant to train.
+
+    Where injection recorded the parameter object and it is still alive (unwrapped, DDP, FSDP1), its own
+    `requires_grad` decides, which is what a user flips to train the base; FSDP1's flat-parameter views,
+    which require gradients because LoRA shares their flat parameter, do not count. Otherwise (FSDP2 keeps
+    `requires_grad` on its DTensors; parameters added later) the tensor's flag decides.
+    """
+    originals = base.__dict__.get(_ORIGINALS, {})
+    for name, tensor in base.named_parameters():
+        if name == "bias":
+            continue
+        ref = originals.get(name)
+        original = ref() if ref is not None else None
+        if (original if original is not None else tensor).requires_grad:
+            return True
+    return False
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """True for a `torch.distributed.tensor.DTensor` (checked by name: no import of torch.distributed)."""
+    return any(cls.__name__ == "DTensor" for cls in type(tensor).__mro__)
+
+
+def refuse_sharded_adapters(layer: nn.Module) -> None:
+    """Raise when a LoRA Linear of `layer` is its own FSDP2 unit (its weight is a sharded DTensor here)."""
+    for table in (layer.lora_A, layer.lora_B):
+        for name, linear in table.items():
+            if is_dtensor(linear.weight):
+                raise RuntimeError(
+                    f"LoRA weight lora_{'A' if table is layer.lora_A else 'B'}[{name!r}] is a sharded DTensor: "
+                    "the LoRA Linear was made its own FSDP unit (fully_shard on it, as PEFT's wrap policy does), "
+                    "but this layer reads its weight without running its forward, so FSDP never gathers it. "
+                    "Shard whole decoder layers with their LoRA inside: qlora_inject.shard(model), or "
+                    "fsdp_wrap_policy(model) for FSDP1/accelerate"
+                )
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: modules whose class transformers names in
+    `_no_split_modules`, else the children of the longest `nn.ModuleList`."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else []
+
+
+def fsdp_wrap_policy(model: nn.Module) -> Callable:
+    """An FSDP1 `auto_wrap_policy` (also accelerate's) with one unit per decoder layer, its LoRA inside.
+
+    Use it with `use_orig_params=True`: a layer's unit holds frozen base weights and trainable LoRA
+    weights, which FSDP1 allows only then.
+    """
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return ModuleWrapPolicy({type(layer) for layer in _layers_or_raise(model)})
+
+
+def shard(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
+    """Shard `model` with FSDP2 (`fully_shard`): each decoder layer with its LoRA Linears, then the root.
+
+    Args:
+        model: A `LoraModel` (or a model holding LoRA layers), on its device, in a process group.
+        mesh: The device mesh; None for all ranks of the default group.
+        fsdp_kwargs: Passed to every `fully_shard` call (`reshard_after_forward`, `mp_policy`, ...).
+
+    Returns:
+        `model`, sharded in place (as `fully_shard` returns it).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from qlora_inject.lora import LoraLinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear):
+            inner = [n for n, m in module.named_modules() if isinstance(m, FSDPModule) and m is not module]
+            if inner:
+                raise ValueError(
+                    f"{name}.{inner[0]} is already an FSDP unit; LoRA Linears must be sharded with their decoder "
+                    "layer (this layer reads their weights directly). Call shard() on the unsharded model"
+                )
+    for layer in _layers_or_raise(model):
+        fully_shard(layer, mesh=mesh, **fsdp_kwargs)
+    return fully_shard(model, mesh=mesh, **fsdp_kwargs)
+
+
+def _layers_or_raise(model: nn.Module) -> list[nn.Module]:
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(
+            f"found no decoder layers in {type(model).__name__} (no transformers `_no_split_modules`, no "
+            "nn.ModuleList); shard it by hand: fully_shard each block holding LoRA layers, then the root"
+        )
+    return layers
+
+
+# --- processes ------------------------------------------------------------------------------------
+
+def world_size() -> int:
+    """Processes in the default group (1 when torch.distributed is not initialized)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of the default group, or without one."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank, where a process group is initialized."""
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def engine_of(model: nn.Module) -> str | None:
+    """"ddp", "fsdp1", "fsdp2" for a model those engines wrap or shard (the wrapper itself, or an FSDP2
+    root), else None."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if "DistributedDataParallel" in names:
+        return "ddp"
+    if "FullyShardedDataParallel" in names:
+        return "fsdp1"
+    if "FSDPModule" in names:
+        return "fsdp2"
+    return None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any module inside `model` is an FSDP1 or FSDP2 unit."""
+    return any(engine_of(m) in ("fsdp1", "fsdp2") for m in model.modules())
+
+
+def gather_full(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state` with every DTensor gathered to a full CPU tensor; every rank must call it, in the same order."""
+    return {key: (value.full_tensor() if is_dtensor(value) else value).detach().cpu() for key, value in state.items()}
+
+
+__all__ = ["barrier", "base_trains", "decoder_layers", "engine_of", "fsdp_wrap_policy", "gather_full",
+           "is_dtensor", "is_main_process", "is_sharded", "refuse_sharded_adapters", "remember_base", "shard",
+           "world_size"]
