@@ -61,15 +61,20 @@ def peft_key_to_model_key(key: str, adapter_name: str, model_keys) -> str:
     return saved_copy if saved_copy in model_keys else key
 
 
-def adapter_files(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> dict[str, bytes]:
+def adapter_files(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                  tensors: dict[str, Tensor] | None = None) -> dict[str, bytes]:
     """One adapter as the bytes of its two files, `{WEIGHTS_NAME: ..., CONFIG_NAME: ...}`.
+
+    `tensors`: the adapter's tensors under PEFT's keys where the caller gathered them already (FSDP);
+    by default `adapter_state_dict(model, ...)`.
 
     Raises:
         ValueError: If `model` holds no adapter `adapter_name`.
     """
     from safetensors.torch import save
 
-    tensors = adapter_state_dict(model, adapter_name, config.bias)
+    if tensors is None:
+        tensors = adapter_state_dict(model, adapter_name, config.bias)
     if not any(".lora_A." in k for k in tensors):
         raise ValueError(f"adapter {adapter_name!r} is not in this model; nothing to save")
     weights = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
@@ -84,14 +89,14 @@ def write_files(directory: Path, files: dict[str, bytes]) -> None:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, config: LoraConfig,
-                 adapter_name: str = "default") -> Path:
+                 adapter_name: str = "default", tensors: dict[str, Tensor] | None = None) -> Path:
     """Write one adapter in PEFT's format into `directory`, as one unit; return the directory.
 
     The folder is swapped whole (see `atomic_files.replace_folder`): a save killed at any moment
     leaves the previous adapter or the new one. Other files in `directory` are kept.
     `model` is the model that holds the LoRA layers (not a `LoraModel` facade: pass `.model`).
     """
-    files = adapter_files(model, config, adapter_name)
+    files = adapter_files(model, config, adapter_name, tensors)
     return replace_folder(directory, lambda staging: write_files(staging, files), owned=files)
 
 

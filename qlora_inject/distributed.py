@@ -95,8 +95,20 @@ def fsdp_wrap_policy(model: nn.Module) -> Callable:
     return ModuleWrapPolicy({type(layer) for layer in _layers_or_raise(model)})
 
 
+def unshardable_params(model: nn.Module) -> set[nn.Parameter]:
+    """Parameters FSDP cannot shard, kept whole on every rank: integer-typed packed weights (HQQ's `W_q`).
+
+    GPTQ's and AWQ's packed tensors are buffers, which FSDP never shards, so they are replicated too;
+    bitsandbytes 4-bit with a float `quant_storage` shards. For FSDP1 pass them as `ignored_states`.
+    """
+    return {p for p in model.parameters() if not (p.is_floating_point() or p.is_complex())}
+
+
 def shard(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
     """Shard `model` with FSDP2 (`fully_shard`): each decoder layer with its LoRA Linears, then the root.
+
+    Integer-typed parameters (`unshardable_params`) are left out of sharding (whole on every rank)
+    unless `ignored_params` is given.
 
     Args:
         model: A `LoraModel` (or a model holding LoRA layers), on its device, in a process group.
@@ -118,6 +130,7 @@ def shard(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
                     f"{name}.{inner[0]} is already an FSDP unit; LoRA Linears must be sharded with their decoder "
                     "layer (this layer reads their weights directly). Call shard() on the unsharded model"
                 )
+    fsdp_kwargs.setdefault("ignored_params", unshardable_params(model) or None)
     for layer in _layers_or_raise(model):
         fully_shard(layer, mesh=mesh, **fsdp_kwargs)
     return fully_shard(model, mesh=mesh, **fsdp_kwargs)
@@ -178,4 +191,4 @@ def gather_full(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 __all__ = ["barrier", "base_trains", "decoder_layers", "engine_of", "fsdp_wrap_policy", "gather_full",
            "is_dtensor", "is_main_process", "is_sharded", "refuse_sharded_adapters", "remember_base", "shard",
-           "world_size"]
+           "unshardable_params", "world_size"]

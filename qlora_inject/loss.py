@@ -92,23 +92,68 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, ta
     return total / count.clamp_min(1)
 
 
-def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None, chunk: int = 1024,
-                   **model_kwargs) -> Tensor:
+def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None = None, chunk: int = 1024, *,
+                   allow_unsynchronized: bool = False, **model_kwargs) -> Tensor:
     """The loss `model(input_ids, labels=labels).loss` would give (next-token cross-entropy, labels
     shifted by one, -100 ignored), computed without the full logits.
 
+    Under DDP, FSDP1 or FSDP2 pass the wrapper (or the FSDP2-sharded root): the loss is computed inside
+    its forward, so gradients synchronize and sharded weights are gathered, as `wrapper(...).loss` would.
+
     Args:
-        model: a transformers causal LM (`*ForCausalLM`), bare or wrapped (`LoraModel`, PEFT): its
-            decoder (`get_decoder()`) must return `last_hidden_state` and its head
+        model: a transformers causal LM (`*ForCausalLM`), bare or wrapped (`LoraModel`, PEFT, and DDP/FSDP
+            around them): its decoder (`get_decoder()`) must return `last_hidden_state` and its head
             (`get_output_embeddings()`) must be a plain linear layer.
         labels: defaults to `input_ids`.
         chunk: tokens per chunk of logits.
+        allow_unsynchronized: With more than one process and a model no engine wraps, training would
+            leave each rank's gradients its own, so it is refused; True allows it (ranks that train apart
+            on purpose, or that all-reduce gradients themselves).
         model_kwargs: passed to the decoder (`attention_mask`, `position_ids`, ...).
     """
-    reason = why_not_chunked(model)
+    from qlora_inject import distributed
+
+    engine = distributed.engine_of(model)
+    inner = model.module if engine in ("ddp", "fsdp1") else model
+    reason = why_not_chunked(inner)
     if reason is not None:
         raise ValueError(f"causal_lm_loss cannot compute this model's loss: {reason}; use "
                          "model(input_ids, labels=labels).loss for it instead")
+    if engine is None:
+        _refuse_unsynchronized(inner, allow_unsynchronized)
+        return _chunked_loss(inner, input_ids, labels, chunk, model_kwargs)
+    return _inside_forward(model, inner, lambda: _chunked_loss(inner, input_ids, labels, chunk, model_kwargs))
+
+
+def _inside_forward(wrapper: nn.Module, inner: nn.Module, compute):
+    """`compute()` run as `inner`'s forward, called through `wrapper`: DDP prepares its gradient reduction,
+    FSDP gathers parameters and registers its backward hooks, as for any forward."""
+    saved = inner.__dict__.get("forward")
+    inner.forward = lambda *args, **kwargs: compute()
+    try:
+        return wrapper()
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
+def _refuse_unsynchronized(model: nn.Module, allowed: bool) -> None:
+    from qlora_inject.distributed import world_size
+
+    ranks = world_size()
+    if allowed or ranks == 1 or not torch.is_grad_enabled() or not any(p.requires_grad for p in model.parameters()):
+        return
+    raise RuntimeError(
+        f"causal_lm_loss got a {type(model).__name__} that no DDP/FSDP wrapper runs, in a group of {ranks} processes: "
+        "its gradients would not synchronize and the ranks would drift apart. Pass the wrapper itself "
+        "(causal_lm_loss(ddp_model, ...), or the model after qlora_inject.shard), or allow_unsynchronized=True "
+        "if the ranks are meant to train apart"
+    )
+
+
+def _chunked_loss(model: nn.Module, input_ids: Tensor, labels: Tensor | None, chunk: int, model_kwargs: dict) -> Tensor:
     head = model.get_output_embeddings()
     hidden = model.get_decoder()(input_ids=input_ids, **model_kwargs).last_hidden_state   # (batch, seq, hidden)
     labels = input_ids if labels is None else labels

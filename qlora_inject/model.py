@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora_inject import adapter_io
+from qlora_inject import adapter_io, distributed
 from qlora_inject.combine import add_weighted_adapter
 from qlora_inject.config import LoraConfig
 from qlora_inject.fused_ops import unfuse_llama_ops
@@ -201,6 +201,10 @@ class LoraModel(nn.Module):
 
         The folder changes as one unit: a save killed at any moment leaves the previous adapter or
         this one, never a mix (see `atomic_files.replace_folder`); other files in it are kept.
+
+        With more than one process every rank calls it: rank 0 writes, the others wait at a barrier.
+        A sharded model (FSDP1, FSDP2) has its adapter gathered to full tensors first, so the file is
+        the one a single process would write.
         """
         if not self.peft_config:
             raise ValueError(f"no adapter to save into {str(directory)!r}: every adapter was deleted; "
@@ -208,7 +212,17 @@ class LoraModel(nn.Module):
         name = adapter_name or (self.active_adapters or list(self.peft_config))[0]
         if name not in self.peft_config:
             raise ValueError(f"adapter {name!r} does not exist; adapters: {list(self.peft_config)}")
-        return adapter_io.save_adapter(self.model, directory, self.peft_config[name], name)
+        config = self.peft_config[name]
+        tensors = None
+        if distributed.is_sharded(self.model):                         # collectives: every rank, same order
+            tensors = distributed.gather_full(adapter_io.adapter_state_dict(self.model, name, config.bias))
+        path = Path(directory)
+        try:
+            if distributed.is_main_process():
+                path = adapter_io.save_adapter(self.model, directory, config, name, tensors)
+        finally:                                                       # a failed write must not hang the others
+            distributed.barrier()
+        return path
 
     def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default",
                      is_trainable: bool = False) -> InjectionReport:

@@ -1,0 +1,167 @@
+"""One rank of tests/test_distributed.py: trains a tiny quantized Llama's LoRA under each engine.
+
+    python distributed_worker.py RANK WORLD PORT OUT TINY_LLAMA_DIR SCENARIO[,SCENARIO...]
+
+A scenario is `engine-format` (engine: ddp, fsdp2, fsdp1; fsdp2lora shards each LoRA Linear as its own
+unit, which must be refused). Before joining the group every rank trains the same model alone on the
+whole batch (the reference); then each rank trains on its half. Written to OUT: each rank's gathered
+adapter and base after training (safetensors), rank 0's single-process adapter, and per rank a JSON of
+fused-op calls, adapter saves and errors per scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+STEPS, LR, BATCH, SEQ = 2, 0.5, 4, 12
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def load(quant: str, directory: str):
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    if quant != "nf4":
+        from qlora_inject.quantize import quantize_model
+
+        return quantize_model(LlamaForCausalLM.from_pretrained(directory), quant, group_size=32)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
+    model = LlamaForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu")
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def lora_model(quant: str, directory: str):
+    import qlora_inject as qi
+
+    torch.manual_seed(0)
+    return qi.LoraModel(load(quant, directory), qi.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+
+
+def batch() -> torch.Tensor:
+    return torch.randint(0, 128, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def train(model, wrapper, ids: torch.Tensor) -> None:
+    import qlora_inject as qi
+
+    optimizer = torch.optim.SGD([p for p in wrapper.parameters() if p.requires_grad], lr=LR)
+    for _ in range(STEPS):
+        qi.causal_lm_loss(wrapper, ids).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def wrap(engine: str, model):
+    import qlora_inject as qi
+    from qlora_inject.distributed import unshardable_params
+
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+    if engine == "fsdp2":
+        return qi.shard(model)
+    if engine == "fsdp2lora":                                               # PEFT's policy: LoRA Linears alone
+        from torch.distributed.fsdp import fully_shard
+
+        for name, module in model.named_modules():
+            if name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"]):
+                fully_shard(module)
+        try:
+            qi.shard(model)
+        except ValueError as err:
+            model.shard_refused = str(err)
+        for layer in model.model.model.layers:                              # as a user would, by hand
+            fully_shard(layer)
+        return fully_shard(model)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(model, auto_wrap_policy=qi.fsdp_wrap_policy(model), use_orig_params=True,
+                                    ignored_states=list(unshardable_params(model)), device_id=torch.device("cpu"))
+
+
+def full_state(engine: str, model, wrapper) -> dict[str, torch.Tensor]:
+    from qlora_inject.distributed import gather_full
+
+    state = wrapper.state_dict() if engine == "fsdp1" else model.state_dict()   # FSDP1: full via its hooks
+    return {k.removeprefix("module."): v for k, v in gather_full(state).items()}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit equality (packed 4-bit codes stored as float32 include NaN patterns, which `equal` calls unequal)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+        a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+
+
+def run(scenario: str, rank: int, out: Path, directory: str, calls: list, saves: list) -> dict:
+    import qlora_inject as qi
+
+    engine, quant = scenario.split("-")
+    model = lora_model(quant, directory)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    ids = batch()[rank * BATCH // 2:(rank + 1) * BATCH // 2]
+    calls.clear()
+    saves.clear()
+    wrapper = wrap(engine, model)
+    try:
+        train(model, wrapper, ids)
+    except RuntimeError as err:
+        return {"error": str(err), "shard_refused": getattr(model, "shard_refused", None)}
+    after = full_state(engine, model, wrapper)
+    from safetensors.torch import save_file
+
+    lora = {k: v for k, v in after.items() if "lora_" in k}
+    base_changed = sorted(k for k, v in before.items() if k in after and not same_bits(v, after[k]))
+    save_file({k: v.contiguous() for k, v in lora.items()}, out / f"{scenario}-rank{rank}.safetensors")
+    model.save_pretrained(out / f"{scenario}-adapter")
+    result = {"fused_calls": len(calls), "saves": len(saves), "base_changed": base_changed,
+              "base_checked": sum(k in after for k in before)}
+    if engine == "ddp":                                                     # the inner module trains apart: refused
+        try:
+            qi.causal_lm_loss(model, ids)
+        except RuntimeError as err:
+            result["inner_refused"] = str(err)
+    return result
+
+
+def main() -> None:
+    rank, world, port = (int(a) for a in sys.argv[1:4])
+    out, directory, scenarios = Path(sys.argv[4]), sys.argv[5], sys.argv[6].split(",")
+    import qlora_inject.adapter_io as adapter_io
+    import qlora_inject.lora as lora
+
+    calls: list = []
+    saves: list = []
+    fused, save = lora.fused_lora_linear, adapter_io.save_adapter
+    lora.fused_lora_linear = lambda *a, **k: calls.append(1) or fused(*a, **k)
+    adapter_io.save_adapter = lambda *a, **k: saves.append(1) or save(*a, **k)
+
+    for quant in sorted({s.split("-")[1] for s in scenarios}):              # one process, the whole batch
+        model = lora_model(quant, directory)
+        train(model, model, batch())
+        if rank == 0:
+            model.save_pretrained(out / f"single-{quant}-adapter")
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    results = {}
+    for scenario in scenarios:
+        try:
+            results[scenario] = run(scenario, rank, out, directory, calls, saves)
+        except Exception:                                                   # noqa: BLE001 - reported to the test
+            results[scenario] = {"error": traceback.format_exc()}
+        dist.barrier()
+    (out / f"results-rank{rank}.json").write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""DDP, FSDP2 and FSDP1 on two CPU processes (gloo, localhost): the same adapter as one process, the fused
+op in use, the base untouched, the adapter written once, and clear errors where a setup cannot work.
+
+One pair of processes (tests/distributed_worker.py) runs every scenario, so the imports are paid once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import requires
+from factories import tiny_llama_dir
+
+pytestmark = [requires("bitsandbytes"), requires("hqq"),
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")]
+
+TRAINED = ["ddp-nf4", "fsdp2-nf4", "fsdp1-nf4", "fsdp2-hqq"]         # GPTQ/AWQ: buffers, replicated as HQQ
+SCENARIOS = [*TRAINED, "fsdp2lora-nf4"]
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("distributed")
+    worker = Path(__file__).with_name("distributed_worker.py")
+    port, model_dir = str(_free_port()), str(tiny_llama_dir())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(rank), str(WORLD), port, str(out), model_dir,
+                               ",".join(SCENARIOS)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for rank in range(WORLD)]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=240)[0].decode(errors="replace"))   # never hangs the suite
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log[-3000:]
+    return out, [json.loads((out / f"results-rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+@pytest.mark.parametrize("scenario", TRAINED)
+def test_trains_the_adapter_one_process_would_on_the_whole_batch(runs, scenario):
+    out, results = runs
+    for result in results:
+        assert "error" not in result[scenario], result[scenario]["error"]
+    ranks = [_tensors(out / f"{scenario}-rank{r}.safetensors") for r in range(WORLD)]
+    assert ranks[0] and all(ranks[0].keys() == other.keys() for other in ranks)
+    for other in ranks[1:]:                                                 # identical across ranks
+        for key, value in ranks[0].items():
+            assert torch.equal(value, other[key]), key
+    saved = _tensors(out / f"{scenario}-adapter" / "adapter_model.safetensors")
+    single = _tensors(out / f"single-{scenario.split('-')[1]}-adapter" / "adapter_model.safetensors")
+    assert saved.keys() == single.keys() and len(saved) == 2 * 3 * 2      # lora_A/B × 3 targets × 2 layers
+    moved = 0.0
+    for key, value in single.items():
+        torch.testing.assert_close(saved[key], value, atol=1e-5, rtol=0)
+        moved = max(moved, (value - ranks[0][key.replace("base_model.model.", "model.")
+                                              .replace(".weight", ".default.weight")]).abs().max().item())
+        if ".lora_B." in key:
+            assert value.abs().max() > 1e-4, key                            # it trained (10× the tolerance)
+    assert moved <= 1e-5                                                    # the ranks' own copies agree too
+
+
+@pytest.mark.parametrize("scenario", TRAINED)
+def test_uses_the_fused_op_keeps_the_base_and_saves_once(runs, scenario):
+    _, results = runs
+    for rank, result in enumerate(results):
+        result = result[scenario]
+        assert result["fused_calls"] >= 6 * 2, result                     # 6 LoRA layers × forward per step
+        assert result["base_checked"] > 0 and result["base_changed"] == []
+        assert result["saves"] == (1 if rank == 0 else 0)
+
+
+def test_causal_lm_loss_refuses_the_inner_module_of_a_ddp_model(runs):
+    _, results = runs
+    for result in results:
+        assert "would not synchronize" in result["ddp-nf4"]["inner_refused"]
+        assert "Pass the wrapper itself" in result["ddp-nf4"]["inner_refused"]
+
+
+def test_lora_linears_sharded_as_their_own_units_are_refused_naming_the_fix(runs):
+    _, results = runs
+    for result in results:
+        result = result["fsdp2lora-nf4"]
+        assert "is already an FSDP unit" in result["shard_refused"]            # by shard()
+        assert "is a sharded DTensor" in result["error"]                       # by the layer, sharded by hand
+        assert "qlora_inject.shard(model)" in result["error"]
+
