@@ -17,7 +17,11 @@ from qlora_inject.model import LoraModel
 
 
 class SaveAdapterCallback(TrainerCallback):
-    """Save the adapter (PEFT's format) into every Trainer checkpoint folder."""
+    """Save the adapter (PEFT's format) into every Trainer checkpoint folder.
+
+    Under `accelerate launch` every rank runs it: `save_pretrained` writes from rank 0 only, gathering
+    an FSDP-sharded adapter first, while the other ranks wait.
+    """
 
     def on_save(self, args, state, control, model=None, **kwargs):
         lora_model = model

@@ -108,3 +108,25 @@ def test_lora_linears_sharded_as_their_own_units_are_refused_naming_the_fix(runs
         assert "is a sharded DTensor" in result["error"]                       # by the layer, sharded by hand
         assert "qlora_inject.shard(model)" in result["error"]
 
+
+
+def test_base_frozen_is_read_from_the_parameters_injection_froze():
+    from torch import nn
+
+    from qlora_inject import LoraConfig, inject
+    from qlora_inject.distributed import base_trains
+
+    from factories import Holder, make_dense
+
+    model = Holder(make_dense())
+    inject(model, LoraConfig(r=2, target_modules=["proj"]))
+    base = model.proj.base_layer
+    original = base.weight
+    assert not base_trains(base)
+    base._parameters["weight"] = original.detach().clone().requires_grad_(True)  # FSDP1's view: needs grad
+    assert not base_trains(base)                                            # ... but injection froze the weight
+    original.requires_grad_(True)                                           # the user unfreezes it
+    assert base_trains(base)
+    base._parameters["weight"] = nn.Parameter(original.detach().clone())    # a new trainable weight, no record
+    del original
+    assert base_trains(base)
