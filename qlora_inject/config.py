@@ -228,8 +228,9 @@ class LoraConfig:
             raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
                              f"{fix}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path} holds a JSON {_JSON_KINDS.get(type(data), type(data).__name__)} "
-                             f"({_short(json.dumps(data))}), not an object of LoraConfig fields like {{\"r\": 8}}: {fix}")
+            kind = _JSON_KINDS.get(type(data), type(data).__name__)
+            raise ValueError(f"{path} holds a JSON {kind} ({_short(json.dumps(data))}), "
+                             f"not an object of LoraConfig fields like {{\"r\": 8}}: {fix}")
         try:
             return cls.from_dict(data)
         except TypeError as err:
