@@ -24,6 +24,7 @@ from qlora_inject.lora import AdapterSpec, LoraLinear
 from qlora_inject.loss import causal_lm_loss, linear_cross_entropy
 from qlora_inject.model import LoraModel
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
+from qlora_inject.pretrained import load_quantized, model_directory
 from qlora_inject.registry import (
     Backend,
     UnsupportedModuleError,
@@ -61,6 +62,8 @@ __all__ = [
     "get_backend",
     "inject",
     "linear_cross_entropy",
+    "load_quantized",
+    "model_directory",
     "read_adapter",
     "register_backend",
     "save_adapter",
