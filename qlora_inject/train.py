@@ -171,8 +171,16 @@ def load_model(path: Path, quant: str):
         if quant != "none":
             from qlora_inject.quantize import quantize_model
 
-            quantize_model(model, quant, group_size=32 if model.config.hidden_size < 512 else 128)
+            quantize_model(model, quant, group_size=_group_size(model.config))
     return model
+
+
+def _group_size(config) -> int:
+    """32 for a small model, else the largest of 128 and 64 that divides every layer's input width (AWQ needs it)."""
+    widths = (config.hidden_size, getattr(config, "intermediate_size", config.hidden_size))
+    if config.hidden_size < 512:
+        return 32
+    return next((size for size in (128, 64) if all(width % size == 0 for width in widths)), 32)
 
 
 def tokenizer_for(path: Path | None, vocab_size: int) -> Callable[[str], list[int]]:

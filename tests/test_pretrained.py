@@ -75,6 +75,16 @@ def test_a_source_that_is_no_model_is_refused_by_name(tmp_path, make, message):
         pretrained.model_directory(make(tmp_path))
 
 
+@requires("gptqmodel")
+def test_load_quantized_picks_a_group_size_that_divides_every_width(tmp_path):
+    directory = train.build_default_model(tmp_path / "m", hidden=576, layers=1)      # SmolLM2's width: 576 = 64 * 9
+    model = pretrained.load_quantized(directory, "awq")
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "AwqTorchLinear"
+    assert model.model.layers[0].mlp.down_proj.group_size == 64
+    with torch.no_grad():
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
 class ByteTokenizer:
     """Bytes as tokens, as the tokenizer interface the date task uses."""
 
@@ -137,6 +147,7 @@ def test_smollm2_converts_once_into_a_plain_safetensors_folder_that_knows_paris(
     from transformers import AutoTokenizer
 
     directory = pretrained.model_directory("smollm2")
+    assert pretrained.model_directory(pretrained.smollm2_gguf()) == directory          # the .gguf path: same cache
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in directory.iterdir()}
     assert "quantization_config" not in (directory / "config.json").read_text()
     assert not list(directory.glob("*.bin")) and not list(directory.glob("*.pt"))
