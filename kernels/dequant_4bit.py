@@ -9,11 +9,12 @@ the absmax vector is itself stored as 8-bit codes, blockwise, plus a scalar offs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from qlora_inject.kernels import dequant_cpu, triton_runs
+from qlora_inject.kernels import autotune, dequant_cpu, triton_runs
 
 
 def dequantize_blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int) -> Tensor:
@@ -56,23 +57,37 @@ def dequantize_4bit_blockwise(
 
 
 def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, ...],
-                    dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-    """The Triton kernel for CUDA tensors, the numba kernel on CPU, the pure-torch twin otherwise.
+                    dtype: torch.dtype, out: Tensor | None = None,
+                    library: Callable[[], Tensor] | None = None) -> Tensor:
+    """The Triton kernel for CUDA tensors; on CPU the fastest of the numba kernel, the pure-torch twin
+    and `library`, measured at first use per shape class (`kernels.autotune`); the twin otherwise.
 
     Args:
         out: Optional 1-D scratch (e.g. `kernels.workspace.scratch`) the result may be written into;
             the returned tensor is then a view of it, in `out`'s dtype (holding `dtype`'s values).
+        library: The owning library's own dequantization of this weight, offered as a CPU candidate;
+            only where it gives the twin's bits (e.g. bitsandbytes' when rows are whole blocks).
     """
     if triton_runs(packed):
         from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit_triton
 
         return dequantize_4bit_triton(packed, absmax, code, blocksize, shape, dtype, out=out)
-    if packed.device.type == "cpu" and dequant_cpu.available():
-        numel = math.prod(shape)
-        data = packed.contiguous().view(-1).view(torch.uint8)
-        if data.numel() * 2 >= numel and absmax.numel() * blocksize >= numel:
-            return dequant_cpu.blockwise_4bit(data, absmax, code, blocksize, numel, dtype, out).view(shape)
-    return dequantize_4bit_blockwise(packed, absmax, code, blocksize, shape, dtype)
+
+    def twin() -> Tensor:
+        return dequantize_4bit_blockwise(packed, absmax, code, blocksize, shape, dtype)
+
+    if packed.device.type != "cpu":
+        return twin()
+    numel = math.prod(shape)
+    paths: dict[str, Callable[[], Tensor]] = {}
+    data = packed.contiguous().view(-1).view(torch.uint8)
+    if dequant_cpu.available() and data.numel() * 2 >= numel and absmax.numel() * blocksize >= numel:
+        paths.update(dequant_cpu.candidates(
+            lambda: dequant_cpu.blockwise_4bit(data, absmax, code, blocksize, numel, dtype, out).view(shape)))
+    paths["torch"] = twin
+    if library is not None:
+        paths["library"] = library
+    return autotune.choose(autotune.shape_class("4bit", dtype, numel, out), paths)
 
 
 def _scale_blocks(values: Tensor, absmax: Tensor, blocksize: int) -> Tensor:

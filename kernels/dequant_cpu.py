@@ -20,7 +20,9 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import threading
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -54,10 +56,37 @@ def _kernels():
     return {name: getattr(module, name) for name in names}
 
 
+_threads = threading.local()                                               # a candidate's thread count
+
+
+def default_threads() -> int:
+    """The numba kernels' thread count: torch's (so the two pools never ask for more cores than torch
+    uses), capped by numba's own limit."""
+    import numba
+
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
+def candidates(call: Callable[[], Tensor]) -> dict[str, Callable[[], Tensor]]:
+    """`call` (a numba kernel's wrapper) at the default thread count and at half of it, as named
+    candidates for `autotune.choose`: on a loaded or memory-bound machine fewer threads can be faster."""
+    counts = dict.fromkeys((default_threads(), max(1, default_threads() // 2)))
+    return {("numba" if n == default_threads() else f"numba-{n}-threads"): functools.partial(_with_threads, n, call)
+            for n in counts}
+
+
+def _with_threads(count: int, call: Callable[[], Tensor]) -> Tensor:
+    _threads.count = count
+    try:
+        return call()
+    finally:
+        _threads.count = None
+
+
 def _kernel(name: str):
     import numba
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(getattr(_threads, "count", None) or default_threads())
     return _kernels()[name]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from qlora_inject.kernels import dequant_cpu, triton_runs
+from qlora_inject.kernels import autotune, dequant_cpu, triton_runs
 
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)   # logical column k of a word sits in nibble AWQ_ORDER.index(k)
 
@@ -75,7 +75,12 @@ def dequantize_gptq(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tens
         return dequantize_gptq4_triton(qweight, qzeros, scales, g_idx, in_features, out_features, zero_offset, out=out)
     if _use_numba(qweight, bits) and qweight.shape[1] == out_features:
         zeros = _gptq_zeros(qzeros, bits, out_features, zero_offset)
-        return dequant_cpu.gptq(qweight, zeros, scales, g_idx, bits, in_features, out).t()
+        paths = dequant_cpu.candidates(
+            lambda: dequant_cpu.gptq(qweight, zeros, scales, g_idx, bits, in_features, out).t())
+        paths["torch"] = lambda: dequantize_gptq_torch(qweight, qzeros, scales, g_idx, bits, in_features,
+                                                       out_features, zero_offset)
+        key = autotune.shape_class(f"gptq{bits}", scales.dtype, in_features * out_features, out)
+        return autotune.choose(key, paths)
     return dequantize_gptq_torch(qweight, qzeros, scales, g_idx, bits, in_features, out_features, zero_offset)
 
 
@@ -113,8 +118,13 @@ def dequantize_awq_gemm(qweight: Tensor, qzeros: Tensor, scales: Tensor, bits: i
         return dequantize_awq4_triton(qweight, qzeros, scales, group_size, out_features, out=out)
     if _use_numba(qweight, bits) and qweight.shape[1] * (32 // bits) >= out_features:
         zeros = _unpack_words(qzeros, bits, out_features, interleaved)
-        return dequant_cpu.awq(qweight, zeros, scales, group_size, _word_positions(bits, interleaved), bits,
-                               out_features, out).t()
+        positions = _word_positions(bits, interleaved)
+        paths = dequant_cpu.candidates(lambda: dequant_cpu.awq(qweight, zeros, scales, group_size, positions, bits,
+                                                               out_features, out).t())
+        paths["torch"] = lambda: dequantize_awq_gemm_torch(qweight, qzeros, scales, bits, group_size, out_features,
+                                                           interleaved)
+        key = autotune.shape_class(f"awq{bits}", scales.dtype, qweight.shape[0] * out_features, out)
+        return autotune.choose(key, paths)
     return dequantize_awq_gemm_torch(qweight, qzeros, scales, bits, group_size, out_features, interleaved)
 
 

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import Tensor
 
-from qlora_inject.kernels import dequant_cpu, triton_runs
+from qlora_inject.kernels import autotune, dequant_cpu, triton_runs
 
 # packing name → (bits per code, codes per storage word)
 PACKINGS = {
@@ -61,8 +61,10 @@ def dequantize_hqq(W_q: Tensor, meta: dict, out: Tensor | None = None) -> Tensor
     if (plain_4bit and W_q.device.type == "cpu" and dtype in (torch.float32, torch.float16, torch.bfloat16)
             and meta["zero"].dtype == meta["scale"].dtype == dtype and dequant_cpu.available()):
         packed = W_q.view(torch.uint8) if meta.get("view_as_float") else W_q
-        return dequant_cpu.hqq_4bit(packed, meta["zero"], meta["scale"], code_rows(meta), out,
-                                    dtype).view(meta["shape"])
+        paths = dequant_cpu.candidates(lambda: dequant_cpu.hqq_4bit(packed, meta["zero"], meta["scale"],
+                                                                    code_rows(meta), out, dtype).view(meta["shape"]))
+        paths["torch"] = lambda: dequantize_hqq_torch(W_q, meta)
+        return autotune.choose(autotune.shape_class("hqq4", dtype, math.prod(meta["shape"]), out), paths)
     return dequantize_hqq_torch(W_q, meta)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from qlora_inject.kernels import dequant_cpu
+from qlora_inject.kernels import autotune, dequant_cpu
 from qlora_inject.kernels.dequant_4bit import dequantize_4bit, dequantize_4bit_blockwise
 from qlora_inject.kernels.dequant_gptq import (
     dequantize_awq_gemm,
@@ -17,6 +19,15 @@ from qlora_inject.kernels.dequant_hqq import dequantize_hqq, dequantize_hqq_torc
 from qlora_inject.kernels.workspace import scratch
 
 pytestmark = pytest.mark.skipif(not dequant_cpu.available(), reason="numba is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _numba_path(monkeypatch):
+    """The kernels under test run whatever path the measurement would keep for these small shapes."""
+    monkeypatch.setenv("QLORA_INJECT_KERNEL", "numba")
+    autotune.reset()
+    yield
+    autotune.reset()
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -170,3 +181,52 @@ def test_a_numba_that_does_not_import_falls_back_to_the_twins_with_a_warning(mon
         assert torch.equal(dequantize_4bit(*args), dequantize_4bit_blockwise(*args))
     finally:
         dequant_cpu.available.cache_clear()
+
+
+def test_the_first_use_measures_every_path_keeps_the_fastest_and_later_calls_run_only_it(monkeypatch):
+    monkeypatch.delenv("QLORA_INJECT_KERNEL")
+    calls = {"numba": 0, "torch": 0}
+
+    def path(name, seconds):
+        def run():
+            calls[name] += 1
+            time.sleep(seconds)
+            return name
+        return run
+
+    paths = {"numba": path("numba", 0.02), "torch": path("torch", 0.001)}
+    assert autotune.choose(("test", 1), paths) == "torch"
+    assert calls["numba"] >= 2 and calls["torch"] >= 2                      # a warm-up and a timed run each
+    measured = dict(calls)
+    for _ in range(3):
+        assert autotune.choose(("test", 1), paths) == "torch"
+    assert calls == {"numba": measured["numba"], "torch": measured["torch"] + 3}
+    assert autotune.decisions()[("test", 1)][0] == "torch"
+    monkeypatch.setenv("QLORA_INJECT_KERNEL", "numba")                      # the override wins over the choice
+    assert autotune.choose(("test", 1), paths) == "numba"
+
+
+def test_a_dispatcher_measures_once_per_shape_class_and_every_path_gives_the_same_bits(monkeypatch):
+    monkeypatch.delenv("QLORA_INJECT_KERNEL")
+    packed = torch.randint(0, 256, (64 * 1024,), dtype=torch.uint8)
+    args = (packed, torch.rand(2048) * 3, torch.linspace(-1, 1, 16), 64, (256, 512), torch.bfloat16)
+    twin = dequantize_4bit_blockwise(*args)
+    first = dequantize_4bit(*args, out=scratch(256 * 512, torch.float32, "cpu")).clone()
+    _same(first, twin)
+    (key, (chosen, timings)), = autotune.decisions().items()
+    assert set(timings) >= {"numba", "torch"} and chosen in timings
+    monkeypatch.setattr(autotune, "_measure", lambda *a: pytest.fail("measured a second time"))
+    _same(dequantize_4bit(*args, out=scratch(256 * 512, torch.float32, "cpu")), twin)
+    data = packed.view(torch.uint8)
+    kernels = dequant_cpu.candidates(lambda: dequant_cpu.blockwise_4bit(data, args[1], args[2], 64, 256 * 512,
+                                                                        torch.bfloat16).view(256, 512))
+    assert len(kernels) == len({dequant_cpu.default_threads(), max(1, dequant_cpu.default_threads() // 2)})
+    for run in kernels.values():                                           # each thread count: the same bits
+        _same(run(), twin)
+
+
+def test_an_unknown_kernel_override_is_refused_naming_the_choices(monkeypatch):
+    monkeypatch.setenv("QLORA_INJECT_KERNEL", "fast")
+    with pytest.raises(ValueError, match=r"QLORA_INJECT_KERNEL='fast' is not one of auto, numba, torch"):
+        dequantize_4bit(torch.zeros(8, dtype=torch.uint8), torch.ones(1), torch.linspace(-1, 1, 16), 64, (4, 4),
+                        torch.float32)

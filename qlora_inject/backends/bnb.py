@@ -62,14 +62,16 @@ class Bnb4bitBackend:
     def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         _keep_canonical_layout(module)
         state = _quant_state(module)
-        if _library_kernel_is_faster(module.weight.data, state):
-            return _import_bnb().functional.dequantize_4bit(module.weight.data, state)
+        library = None
+        if _library_kernel_is_exact(module.weight.data, state):            # a candidate the CPU dispatch measures
+            library = functools.partial(_import_bnb().functional.dequantize_4bit, module.weight.data, state)
         absmax = state.absmax
         if state.nested:
             nested = state.state2
             absmax = dequantize_blockwise_8bit(absmax, nested.code, nested.absmax, nested.blocksize) + state.offset
         return dequantize_4bit(
-            module.weight.data, absmax, state.code, state.blocksize, tuple(state.shape), state.dtype, out=out
+            module.weight.data, absmax, state.code, state.blocksize, tuple(state.shape), state.dtype, out=out,
+            library=library,
         )                                                                    # (out, in)
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
@@ -171,18 +173,14 @@ def _bnb_trains_8bit_dequantized() -> bool:
         return False
 
 
-# Below this many bytes of dense weight, glibc's allocator reuses freed memory (larger blocks are
-# fresh mmaps, page-faulted on every write), and bitsandbytes' own CPU kernel beats ours.
-_SMALL_WEIGHT_BYTES = 32 * 2**20
-
-
-def _library_kernel_is_faster(packed: Tensor, state) -> bool:
-    """True for a small CPU layer whose rows are whole blocks, where bitsandbytes' own dequantization
-    (the same values, bit for bit) runs faster than this library's CPU kernel: measured 60 µs vs
-    155 µs at 1408 × 512, 420 µs vs 860 µs at 2048², but 11 ms vs 2.3 ms at 5632 × 2048."""
+def _library_kernel_is_exact(packed: Tensor, state) -> bool:
+    """True for a CPU layer whose rows are whole blocks, where bitsandbytes' own dequantization gives
+    this library's values bit for bit: then it is one of the paths `kernels.autotune` measures (on the
+    machine of the earlier fixed threshold it won below about 32 MiB of dense weight: 60 µs vs 155 µs
+    at 1408 × 512, but 11 ms vs 2.3 ms at 5632 × 2048)."""
     shape = tuple(state.shape)
     return (packed.device.type == "cpu" and len(shape) == 2 and shape[1] % state.blocksize == 0
-            and shape[0] * shape[1] * 4 < _SMALL_WEIGHT_BYTES and importlib.util.find_spec("bitsandbytes") is not None)
+            and importlib.util.find_spec("bitsandbytes") is not None)
 
 
 def _keep_canonical_layout(module: nn.Module) -> None:

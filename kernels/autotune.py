@@ -1,0 +1,108 @@
+"""Which CPU dequantization path runs: measured on this machine at first use, then kept.
+
+The same kernel is not the fastest on every CPU (the issue that asked for this saw the NF4 numba
+kernel take 34 ms on an Intel Xeon against 8.6–9 ms on an AMD EPYC), so nothing here is tuned to one
+machine. The first time a dispatcher dequantizes a weight of a given shape class — (format, dtype,
+output buffer's dtype, size to the nearest power of two, torch's thread count) — it runs every
+candidate path on that very weight, interleaved, and keeps the fastest for the rest of the process.
+Every candidate computes the same bits (the numba kernels at each thread count, the pure-torch twin,
+and the owning library's own dequantization where it is bit-identical), so the choice changes the
+speed and never the result.
+
+`QLORA_INJECT_KERNEL=numba|torch|auto` overrides the choice (for debugging; `auto` is the default):
+`numba` runs the numba kernel at torch's thread count whenever it applies, `torch` the torch twin.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+MODES = ("auto", "numba", "torch")
+ENV = "QLORA_INJECT_KERNEL"
+
+_choices: dict[tuple, str] = {}
+_timings: dict[tuple, dict[str, float]] = {}
+_lock = threading.Lock()
+
+
+def mode() -> str:
+    """The `QLORA_INJECT_KERNEL` setting: `auto` (measure), `numba` or `torch` (force that path)."""
+    value = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r} is not one of {', '.join(MODES)}; unset it to let the "
+                         "library measure the fastest CPU dequantization path (auto)")
+    return value
+
+
+def shape_class(fmt: str, dtype: torch.dtype, numel: int, out: torch.Tensor | None) -> tuple:
+    """The key a choice is kept under: weights in one class take the same path."""
+    return (fmt, dtype, None if out is None else out.dtype, max(numel, 1).bit_length(), torch.get_num_threads())
+
+
+def choose(key: tuple, candidates: dict[str, Callable[[], T]]) -> T:
+    """Run the kept (or forced) candidate for `key`, measuring them all first if none is kept yet.
+
+    Args:
+        key: The shape class (`shape_class`).
+        candidates: Name → a call computing the weight; every one must give the same values. Names
+            start with `numba` for the numba kernels (the first of them is the default thread count)
+            and `torch` for the pure-torch twin, which must be present.
+
+    Returns:
+        What the chosen candidate returns.
+    """
+    forced = mode()
+    if forced != "auto":
+        name = next((n for n in candidates if n.startswith(forced)), "torch")
+        return candidates[name]()
+    if len(candidates) == 1:
+        return next(iter(candidates.values()))()
+    name = _choices.get(key)
+    if name is None or name not in candidates:
+        with _lock:                                                      # one measurement per class at a time
+            name = _choices.get(key)
+            if name is None or name not in candidates:
+                name = _measure(key, candidates)
+    return candidates[name]()
+
+
+def _measure(key: tuple, candidates: dict[str, Callable[[], T]], rounds: int = 3) -> str:
+    """Time each candidate on the real weight, interleaved so all see the same machine; keep the fastest.
+
+    A warm-up call first (numba compiles or loads from its cache; a fresh buffer is paged in); then up
+    to `rounds` timed calls each, the best of them counting, dropping after each round a candidate over
+    twice the best so far (the torch twin is often 10× slower and need not run three times).
+    """
+    for run in candidates.values():
+        run()
+    best: dict[str, float] = {}
+    alive = list(candidates)
+    for _ in range(rounds):
+        for name in alive:
+            began = time.perf_counter()
+            candidates[name]()
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - began)
+        fastest = min(best[n] for n in alive)
+        alive = [n for n in alive if best[n] <= 2 * fastest]
+    chosen = min(alive, key=best.__getitem__)
+    _choices[key] = chosen
+    _timings[key] = dict(best)
+    return chosen
+
+
+def decisions() -> dict[tuple, tuple[str, dict[str, float]]]:
+    """Every kept choice with the best times (seconds) measured for it: for benchmarks and debugging."""
+    return {key: (name, dict(_timings.get(key, {}))) for key, name in _choices.items()}
+
+
+def reset() -> None:
+    """Forget every choice (the next dequantization of each class measures again)."""
+    _choices.clear()
+    _timings.clear()
