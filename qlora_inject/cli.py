@@ -174,6 +174,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     from qlora_inject.atomic_files import replace_folder
+    from qlora_inject.merge_report import MergeGain, default_held_out, held_out_loss
     from qlora_inject.model import LoraModel
     from qlora_inject.pretrained import model_directory
 
@@ -183,7 +184,17 @@ def run_merge(args: argparse.Namespace) -> int:
         raise UsageError(f"a merged {args.quant} model quantized here cannot be saved in that format by "
                          "transformers; add --dequantize for a dense model")
     model = LoraModel.from_pretrained(_load(args.base, args.quant), args.adapter)
+    held_out = default_held_out(args.adapter)          # the default job's held-out dates, else None
+    if held_out is not None:
+        with model.disable_adapter():
+            base_loss = held_out_loss(model, held_out)
+        adapter_loss = held_out_loss(model, held_out)
     merged = model.merge_and_unload(dequantize=args.dequantize)
+    if held_out is not None:
+        gain = MergeGain(base_loss, adapter_loss, held_out_loss(merged, held_out))
+        print(gain)
+        if gain.warning(args.quant) and not args.dequantize:
+            print(f"qlora-inject merge: {gain.warning(args.quant)}", file=sys.stderr)
 
     def write(staging: Path) -> None:                  # a fresh folder with the umask's mode, swapped in whole
         merged.save_pretrained(staging)
