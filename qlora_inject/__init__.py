@@ -22,6 +22,7 @@ from qlora_inject.inject import (
 )
 from qlora_inject.lora import AdapterSpec, LoraLinear
 from qlora_inject.loss import causal_lm_loss, linear_cross_entropy
+from qlora_inject.merge_report import MergeGain, measure_merge
 from qlora_inject.model import LoraModel
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
 from qlora_inject.pretrained import load_quantized, model_directory
@@ -46,6 +47,7 @@ __all__ = [
     "LoraConfig",
     "LoraLinear",
     "LoraModel",
+    "MergeGain",
     "ModulesToSaveWrapper",
     "TargetNotFoundError",
     "UnsupportedModuleError",
@@ -63,6 +65,7 @@ __all__ = [
     "inject",
     "linear_cross_entropy",
     "load_quantized",
+    "measure_merge",
     "model_directory",
     "read_adapter",
     "register_backend",
