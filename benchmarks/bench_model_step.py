@@ -3,7 +3,8 @@ against PEFT over the very same quantized model?
 
 A Llama-architecture model built from a config (random weights), every linear but the head quantized
 to the format by its own library, LoRA r = 16 on all seven projections, AdamW. Speed: both
-libraries' models live in one process and their steps alternate, so both see the same machine
+libraries' models, and this library's on the same model unquantized ("dense-LoRA", the same LoRA: the
+quantization tax reads as ours/dense-LoRA), live in one process and their steps alternate, so all see the same machine
 (separate runs on a shared CPU drift by 10 % and more). Memory: each (format, library) pair trains
 in a fresh process, so its peak is its own, measured over the training steps only: resident memory
 on CPU (its peak reset after the warm-up step), `torch.cuda.max_memory_allocated` on a GPU.
@@ -156,6 +157,9 @@ def speed_run(fmt: str, dtype_name: str, args, queue) -> None:
         print(f"PEFT on {fmt} {dtype_name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         steps.pop("peft", None)
     steps["ours"]()
+    if fmt != "none":                                                   # the tax: the same model unquantized,
+        steps["dense"] = build("none", "ours", dtype_name, args)        # the same LoRA, in the same rotation
+        steps["dense"]()
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.steps):
         for name, step in steps.items():
@@ -218,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         for result, library in ((ours, "ours"), (theirs, "peft")):
             if result is not None:
                 result["seconds"] = speed[library]
+        dense_s = speed.get("dense", speed.get("ours") if fmt == "none" else None)
         key = fmt if len(dtypes) == 1 else f"{fmt} {dtype_name}"
-        raw[key] = {"ours": ours, "peft": theirs}
+        raw[key] = {"ours": ours, "peft": theirs, "dense_lora_seconds": dense_s}
         if ours is None:
             continue
 
@@ -234,12 +239,14 @@ def main(argv: list[str] | None = None) -> None:
         def ratio(a: float | None, b: float | None) -> str:
             return "—" if a is None or b is None else f"{a / b:.2f}"
 
-        rows.append([fmt, dtype_name, rate(ours), rate(theirs), ratio(theirs and theirs["seconds"], ours["seconds"]),
+        dense_rate = "—" if dense_s is None else f"{tokens / dense_s:,.0f}"
+        rows.append([fmt, dtype_name, rate(ours), dense_rate, ratio(ours["seconds"], dense_s), rate(theirs),
+                     ratio(theirs and theirs["seconds"], ours["seconds"]),
                      mfu(ours), mfu(theirs), f"{ours['peak_mib']:,.0f}",
                      "—" if theirs is None else f"{theirs['peak_mib']:,.0f}",
                      ratio(ours["peak_mib"], theirs and theirs["peak_mib"]), f"{round(ours['growth_mib']):,}",
                      "—" if theirs is None else f"{round(theirs['growth_mib']):,}"])
-    scopes = {r["peak_scope"] for f in raw for r in raw[f].values() if r}
+    scopes = {raw[f][library]["peak_scope"] for f in raw for library in ("ours", "peft") if raw[f][library]}
     memory = ("peak allocated MiB" if args.device.startswith("cuda") else
               "peak RSS in training MiB" if scopes == {"training"} else "peak RSS MiB")
     growth = "RSS growth in training MiB"
@@ -251,11 +258,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.device}{', gradient checkpointing' if args.gradient_checkpointing else ''}; loss: ours "
         f"{'causal_lm_loss (chunked)' if args.loss == 'chunked' else 'the model'}, PEFT the model; ours "
         f"{'with' if args.fuse == 'on' else 'without'} fused RMSNorm/SwiGLU; speed: both "
-        f"libraries in one process, steps interleaved, median of {args.steps} each after one warm-up; memory: one "
+        f"libraries and ours on the same model unquantized (dense-LoRA: the quantization tax is ours/dense-LoRA) "
+        f"in one process, steps interleaved, median of {args.steps} each after one warm-up; memory: one "
         "process per library, peak over 2 steps after a warm-up step (model building not counted); "
         "MFU = 6 x linear parameters x tokens/s over the GPU's dense bf16 peak",
         "",
-        markdown_table(["format", "dtype", "ours tokens/s", "PEFT tokens/s", "speed-up (PEFT time / ours)", "ours MFU",
+        markdown_table(["format", "dtype", "ours tokens/s", "dense-LoRA tokens/s", "ours/dense-LoRA time",
+                        "PEFT tokens/s", "speed-up (PEFT time / ours)", "ours MFU",
                         "PEFT MFU", f"ours {memory}", f"PEFT {memory}", "memory ours/PEFT", f"ours {growth}",
                         f"PEFT {growth}"], rows),
     ])

@@ -72,7 +72,8 @@ def test_gpu_check_script_runs_its_steps_in_smoke_mode(tmp_path):
         p.name for p in out.iterdir()}
     assert "skipped" in (out / "cuda_tests.log").read_text()                  # no GPU here: skipped, with reasons
     (row,) = _table_rows((out / "model_step.md").read_text())
-    assert row[:2] == ["nf4", "bf16"] and float(row[2].replace(",", "")) > 0 and float(row[3].replace(",", "")) > 0
+    assert row[:2] == ["nf4", "bf16"]                  # ours, dense-LoRA (the tax) and PEFT tokens/s, ours/dense-LoRA
+    assert all(float(row[column].replace(",", "")) > 0 for column in (2, 3, 4, 5))
     assert (tmp_path / "site" / "qlora_inject" / "kernels" / "fused_lora.py").is_file()   # laid out as installed
 
 
