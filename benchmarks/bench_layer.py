@@ -7,6 +7,7 @@ runs the same.)
     python benchmarks/bench_layer.py --output benchmarks/results
     python benchmarks/bench_layer.py --dora --formats dense,nf4,int8,hqq,gptq,awq   # DoRA adapters
     python benchmarks/bench_layer.py --dropout 0.05  # lora_dropout as in the seed script (layer_dropout.md)
+    python benchmarks/bench_layer.py --dtype bf16    # bf16 weights, inputs and compute (layer_bf16.md)
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from qlora_inject.bench import QUICK, LayerWorkload, layer_report, run_layer_benchmark, save_layer_results
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument("--dora", action="store_true", help="DoRA adapters (results as layer_dora.md/.png)")
     parser.add_argument("--dropout", type=float, default=0.0, help="lora_dropout (results as layer_dropout.md/.png)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="weights, inputs and compute (results of bf16/fp16 as layer_bf16.md, ...)")
     parser.add_argument("--output", type=Path, default=None, help="folder for layer.md and layer.png")
     args = parser.parse_args(argv)
     workload = QUICK if args.quick else LayerWorkload()
@@ -36,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         workload = dataclasses.replace(workload, dora=True)
     if args.dropout:
         workload = dataclasses.replace(workload, dropout=args.dropout)
+    workload = dataclasses.replace(workload, dtype=DTYPES[args.dtype])
     results = run_layer_benchmark(workload)
     text = layer_report(workload, results)
     print(text)

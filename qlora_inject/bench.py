@@ -36,11 +36,13 @@ class LayerWorkload:
     formats: tuple[str, ...] = ("dense", "nf4", "fp4", "int8", "hqq", "gptq", "awq")
     dora: bool = False                                                      # DoRA adapters instead of plain LoRA
     dropout: float = 0.0                                                    # lora_dropout (the seed script: 0.05)
+    dtype: torch.dtype = torch.float32                                      # weights, inputs and compute
 
     @property
     def name(self) -> str:
-        """The results' file name: layer, layer_dora, layer_dropout, layer_dora_dropout."""
-        return "layer" + ("_dora" if self.dora else "") + ("_dropout" if self.dropout else "")
+        """The results' file name: layer, layer_dora, layer_dropout, layer_dora_dropout (+ _bf16, _fp16)."""
+        suffix = {torch.float32: "", torch.bfloat16: "_bf16", torch.float16: "_fp16"}[self.dtype]
+        return "layer" + ("_dora" if self.dora else "") + ("_dropout" if self.dropout else "") + suffix
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,10 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
     from qlora_inject.quantize import quantize_linear
 
     torch.manual_seed(0)
-    dense = nn.Linear(workload.in_features, workload.out_features, bias=False).requires_grad_(False)
-    x = torch.randn(workload.tokens, workload.in_features, requires_grad=True)
-    grad = torch.randn(workload.tokens, workload.out_features)
+    dtype = workload.dtype
+    dense = nn.Linear(workload.in_features, workload.out_features, bias=False).requires_grad_(False).to(dtype)
+    x = torch.randn(workload.tokens, workload.in_features, dtype=dtype, requires_grad=True)
+    grad = torch.randn(workload.tokens, workload.out_features, dtype=dtype)
 
     def step_of(model: nn.Module) -> Callable[[], None]:
         def step() -> None:
@@ -156,7 +159,7 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
     def build(fmt: str) -> nn.Module:
         if fmt == "dense":
             return copy.deepcopy(dense)
-        layer = quantize_linear(dense, fmt, compute_dtype=torch.float32, group_size=128 if fmt != "hqq" else 64)
+        layer = quantize_linear(dense, fmt, compute_dtype=dtype, group_size=128 if fmt != "hqq" else 64)
         if hasattr(layer, "support_avx512bf16_for_cpu"):                  # no in-place CPU repack, as when wrapped
             layer.support_avx512bf16_for_cpu = False
         return layer
@@ -202,12 +205,33 @@ def layer_report(workload: LayerWorkload, results: list[LayerResult]) -> str:
         f"machine: {machine()}",
         f"workload: one linear {workload.in_features} -> {workload.out_features}, {workload.tokens} tokens, "
         f"r={workload.r}{', DoRA' if workload.dora else ''}"
-        f"{f', lora_dropout={workload.dropout:g}' if workload.dropout else ''}, fp32 compute, forward + backward, "
-        f"median of {workload.repeat}",
+        f"{f', lora_dropout={workload.dropout:g}' if workload.dropout else ''}, "
+        f"{str(workload.dtype).removeprefix('torch.')} compute, forward + backward, median of {workload.repeat}",
+        *dequantization_notes(workload),
         "",
         markdown_table(["format", "ours ms", "PEFT ms", "dense ms", "ours/dense", "PEFT/dense", "ours/PEFT",
                         "ours saved MiB", "PEFT saved MiB"], rows),
     ])
+
+
+def dequantization_notes(workload: LayerWorkload) -> list[str]:
+    """What the CPU dequantization cost on this machine: the path `kernels.autotune` kept per class with
+    the best time of each candidate, and the time to fill a tensor of the dense weight's size (the
+    memory-write floor a dequantization that writes the whole weight cannot beat)."""
+    from qlora_inject.kernels import autotune
+
+    if torch.cuda.is_available():
+        return []
+    weight = torch.empty(workload.in_features * workload.out_features, dtype=workload.dtype)
+    fill = median_seconds(lambda: weight.fill_(1.0), 5, warmup=1)
+    lines = [f"writing the dense weight once ({weight.nbytes / 2**20:.0f} MiB, fill_): {fill * 1e3:.1f} ms"]
+    for (fmt, dtype, out_dtype, _, threads), (chosen, timings) in autotune.decisions().items():
+        ranked = sorted(timings.items(), key=lambda item: item[1])
+        times = ", ".join(f"{name} {seconds * 1e3:.1f}" for name, seconds in ranked)
+        into = "a new tensor" if out_dtype is None else f"the {str(out_dtype).removeprefix('torch.')} buffer"
+        lines.append(f"dequantization path kept for {fmt} {str(dtype).removeprefix('torch.')} into {into}, "
+                     f"{threads} threads: {chosen} (best ms: {times})")
+    return lines
 
 
 def plot_bars(path: Path, title: str, labels: Sequence[str], series: dict[str, Sequence[float]], ylabel: str,

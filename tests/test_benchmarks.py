@@ -101,6 +101,7 @@ def test_layer_benchmark_measures_ours_peft_and_dense(tmp_path, dora, dropout):
     assert nf4.ours_saved <= nf4.peft_saved                                  # no dense weight kept for backward
     text = layer_report(workload, results)
     assert ("DoRA" in text) == dora and ("lora_dropout=0.05" in text) == bool(dropout)
+    assert "writing the dense weight once" in text and "dequantization path kept for 4bit float32" in text
     assert len(_table_rows(text)) == 2
     save_layer_results(text, results, tmp_path, workload.name)
     name = "layer" + ("_dora" if dora else "") + ("_dropout" if dropout else "")
