@@ -11,6 +11,10 @@ so a run killed at any moment leaves one whole checkpoint, the previous or the n
 left by a killed write are removed by the next write (as are the `.checkpoint-<step>-XXXXXXXX` and
 `.checkpoint-old` folders earlier versions left). Folders and files get the mode the user's umask
 gives, as any file the user writes.
+
+With more than one process (DDP, FSDP) every rank calls `write_checkpoint`: a sharded adapter and
+optimizer state are gathered to full tensors, each rank's dropout RNG state is collected, rank 0
+writes, the others wait. The run's settings record the world size; a resume must repeat it.
 """
 
 from __future__ import annotations
@@ -55,17 +59,30 @@ def remove_legacy_staging(output: Path) -> list[Path]:
 
 
 def capture_rng(data_order: torch.Generator) -> dict[str, Tensor]:
-    """Every RNG state the loop draws from: torch's global CPU one (dropout), CUDA's, and the data order."""
-    states = {f"{_RNG}torch": torch.get_rng_state(), f"{_RNG}data": data_order.get_state()}
+    """Every RNG state the loop draws from: torch's global CPU one (dropout), CUDA's, and the data order.
+
+    With more than one process (every rank calls it) the other ranks' CPU states are kept too, as
+    `rng.torch.rank<r>`: each rank draws its own dropout masks. The data order is the same on all ranks.
+    """
+    from qlora_inject.distributed import all_gather_tensor
+
+    ranks = all_gather_tensor(torch.get_rng_state())
+    states = {f"{_RNG}torch": ranks[0], f"{_RNG}data": data_order.get_state()}
+    states.update({f"{_RNG}torch.rank{r}": state for r, state in enumerate(ranks) if r})
     if torch.cuda.is_available():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             states[f"{_RNG}cuda.{index}"] = state
     return states
 
 
-def restore_rng(states: dict[str, Tensor], data_order: torch.Generator) -> None:
-    """Set the RNG states `capture_rng` took (CUDA's only where this machine has as many devices)."""
-    torch.set_rng_state(states[f"{_RNG}torch"])
+def restore_rng(states: dict[str, Tensor], data_order: torch.Generator, rank: int = 0) -> None:
+    """Set the RNG states `capture_rng` took (CUDA's only where this machine has as many devices);
+    `rank` picks that process's CPU state."""
+    own = states.get(f"{_RNG}torch.rank{rank}") if rank else None
+    if rank and (own is None or not _valid_generator_state(own)):
+        raise ValueError(f"the checkpoint has no valid RNG state for rank {rank}; resume with the world size it "
+                         "was written with, or start over without --resume")
+    torch.set_rng_state(states[f"{_RNG}torch"] if own is None else own)
     data_order.set_state(states[f"{_RNG}data"])
     cuda = [states[k] for k in sorted(states) if k.startswith(f"{_RNG}cuda.")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -78,23 +95,42 @@ def restore_rng(states: dict[str, Tensor], data_order: torch.Generator) -> None:
 
 def write_checkpoint(output: Path, lora_model, optimizer: torch.optim.Optimizer, step: int, losses: list[float],
                      data_order: torch.Generator, settings: dict[str, Any] | None = None) -> Path:
-    """Write adapter + trainer state to `output/checkpoint` as one unit; return that folder."""
+    """Write adapter + trainer state to `output/checkpoint` as one unit; return that folder.
+
+    With more than one process every rank must call it (in step): rank 0 writes, the others wait.
+    """
     from safetensors.torch import save
 
-    from qlora_inject.adapter_io import adapter_files, write_files
+    from qlora_inject import distributed
+    from qlora_inject.adapter_io import adapter_files, adapter_state_dict, write_files
     from qlora_inject.atomic_files import replace_folder
 
-    output.mkdir(parents=True, exist_ok=True)
-    remove_legacy_staging(output)
     name = lora_model.active_adapters[0]
-    files = adapter_files(lora_model.model, lora_model.peft_config[name], name)
-    tensors, groups = _split_optimizer(optimizer.state_dict())
-    tensors.update(capture_rng(data_order))
-    files[STATE_TENSORS] = save(tensors, metadata={"format": "pt"})
-    document = {"format": FORMAT, "step": step, "losses": losses, "settings": settings or {}, "optimizer": groups}
-    files[STATE_JSON] = (json.dumps(document, indent=1) + "\n").encode()
-    final = replace_folder(output / CHECKPOINT, lambda staging: write_files(staging, files))
-    shutil.rmtree(output / LEGACY_PREVIOUS, ignore_errors=True)
+    config = lora_model.peft_config[name]
+    adapter = None
+    optimizer_state = optimizer.state_dict()
+    if distributed.is_sharded(lora_model.model):                    # collectives: every rank, same order
+        adapter = distributed.gather_full(adapter_state_dict(lora_model.model, name, config.bias))
+        optimizer_state = {**optimizer_state, "state": {
+            index: {**values, **distributed.gather_full({k: v for k, v in values.items() if isinstance(v, Tensor)})}
+            for index, values in optimizer_state["state"].items()}}
+    rng = capture_rng(data_order)
+    final = output / CHECKPOINT
+    try:
+        if distributed.is_main_process():
+            output.mkdir(parents=True, exist_ok=True)
+            remove_legacy_staging(output)
+            files = adapter_files(lora_model.model, config, name, adapter)
+            tensors, groups = _split_optimizer(optimizer_state)
+            tensors.update(rng)
+            files[STATE_TENSORS] = save(tensors, metadata={"format": "pt"})
+            document = {"format": FORMAT, "step": step, "losses": losses, "settings": settings or {},
+                        "optimizer": groups}
+            files[STATE_JSON] = (json.dumps(document, indent=1) + "\n").encode()
+            final = replace_folder(output / CHECKPOINT, lambda staging: write_files(staging, files))
+            shutil.rmtree(output / LEGACY_PREVIOUS, ignore_errors=True)
+    finally:                                                        # a failed write must not hang the others
+        distributed.barrier()
     return final
 
 

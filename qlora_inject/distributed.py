@@ -184,11 +184,104 @@ def is_sharded(model: nn.Module) -> bool:
     return any(engine_of(m) in ("fsdp1", "fsdp2") for m in model.modules())
 
 
+def rank() -> int:
+    """This process's rank in the default group (0 without one)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def launched_world_size() -> int:
+    """The group's world size, or before joining it the one a launcher set (`torchrun`, `accelerate
+    launch`: the WORLD_SIZE variable), else 1."""
+    return world_size() if _initialized() else _environment_number("WORLD_SIZE", 1)
+
+
+def launched_rank() -> int:
+    """This process's rank in the group, or before joining it the one a launcher set (RANK), else 0."""
+    return rank() if _initialized() else _environment_number("RANK", 0)
+
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _environment_number(name: str, default: int) -> int:
+    import os
+
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"the environment variable {name}={value!r} is not a number; launch with "
+                         "torchrun or accelerate launch, which set it") from None
+
+
+def join_launched_group() -> bool:
+    """Join the process group a launcher describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT variables).
+
+    gloo serves CPU tensors, nccl CUDA ones (each process on the GPU LOCAL_RANK names). Returns True when
+    this call initialized the group (the caller then destroys it), False when there is nothing to join
+    (one process) or the group already exists.
+    """
+    dist = torch.distributed
+    if launched_world_size() <= 1 or _initialized():
+        return False
+    if not dist.is_available():
+        raise RuntimeError(f"launched as {launched_world_size()} processes, but this torch build has no "
+                           "torch.distributed; install a torch with it, or run one process")
+    use_local_gpu()
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def use_local_gpu() -> None:
+    """Make the GPU the launcher's LOCAL_RANK names this process's current device (no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_environment_number("LOCAL_RANK", 0))
+
+
+def all_reduce_sum(value: float) -> float:
+    """The sum of `value` over every rank (`value` itself with one process); every rank must call it."""
+    if world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any (so that all ranks take the same branch)."""
+    return all_reduce_sum(float(flag)) > 0
+
+
+def all_gather_tensor(tensor: Tensor) -> list[Tensor]:
+    """Every rank's `tensor` (same shape and dtype on all ranks), in rank order; `[tensor]` with one process."""
+    if world_size() == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, tensor)
+    return parts
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading full tensors into an optimizer of FSDP2-sharded parameters: shard each state tensor
+    as its parameter is (every rank must call it; each holds the same full tensors)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for param, values in optimizer.state.items():
+        if not is_dtensor(param):
+            continue
+        for name, value in values.items():
+            if isinstance(value, Tensor) and not is_dtensor(value) and value.shape == param.shape:
+                values[name] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+
+
 def gather_full(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """`state` with every DTensor gathered to a full CPU tensor; every rank must call it, in the same order."""
     return {key: (value.full_tensor() if is_dtensor(value) else value).detach().cpu() for key, value in state.items()}
 
 
-__all__ = ["barrier", "base_trains", "decoder_layers", "engine_of", "fsdp_wrap_policy", "gather_full",
-           "is_dtensor", "is_main_process", "is_sharded", "refuse_sharded_adapters", "remember_base", "shard",
-           "unshardable_params", "world_size"]
+__all__ = ["all_gather_tensor", "all_reduce_sum", "any_rank", "barrier", "base_trains", "decoder_layers",
+           "engine_of", "fsdp_wrap_policy", "gather_full", "is_dtensor", "is_main_process", "is_sharded",
+           "join_launched_group", "launched_rank", "launched_world_size", "rank", "refuse_sharded_adapters",
+           "remember_base", "shard", "shard_optimizer_state", "unshardable_params", "use_local_gpu", "world_size"]

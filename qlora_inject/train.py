@@ -10,6 +10,12 @@ Checkpoints (adapter, optimizer, RNG and data-order state; safetensors and JSON,
 `checkpoint.py`) are written to a temporary folder and renamed into place, so a run killed at any
 moment resumes from the last one, and the resumed run's losses are those of an uninterrupted run,
 bit for bit on the CPU.
+
+Launched as several processes (`torchrun --nproc_per_node N`, `accelerate launch`) it joins their
+group and trains under DDP (`--fsdp`: FSDP2, `distributed.shard`): every rank draws the same global
+batch and trains on its slice, the loss is weighted so the averaged gradient is the whole batch's,
+the logged loss is all-reduced, and rank 0 alone writes checkpoints, logs, the plot and the adapter.
+The checkpoint records the world size; a resume with another one is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_inject import distributed
 from qlora_inject.checkpoint import (
     CHECKPOINT,
     TrainerState,
@@ -44,7 +51,8 @@ TINY_NAMES = ("tiny", "builtin")                       # --model tiny: the rando
 TASK_STEPS, TEXT_STEPS = 30, 200                       # default --steps: the date task, a text
 # Settings that shape the run's trajectory: a resume must match the checkpoint's (--steps may grow).
 RESUME_SETTINGS = ("model", "quant", "r", "alpha", "target_modules", "lr", "batch_size", "seq_len", "data", "seed",
-                   "fuse")
+                   "fuse", "lora_dropout")
+LEGACY_SETTINGS = {"lora_dropout": 0.05, "world_size": 1}   # what checkpoints written before these settings used
 
 
 class UsageError(Exception):
@@ -75,6 +83,8 @@ class TrainOptions:
     seed: int = 0
     progress: bool = True
     fuse: bool = True                                  # fuse_llama_ops: one autograd op per RMSNorm and MLP gate
+    lora_dropout: float = 0.05
+    fsdp: bool = False                                 # several processes: FSDP2 (distributed.shard), not DDP
 
 
 @dataclass
@@ -146,8 +156,11 @@ def build_default_model(directory: Path, seed: int = 0, hidden: int = 256, layer
     return directory
 
 
-def load_model(path: Path, quant: str):
-    """Load a local causal LM in format `quant` (bitsandbytes through transformers, others quantized here)."""
+def load_model(path: Path, quant: str, shardable: bool = False):
+    """Load a local causal LM in format `quant` (bitsandbytes through transformers, others quantized here).
+
+    `shardable`: bitsandbytes 4-bit weights stored as float32 (`bnb_4bit_quant_storage`), which FSDP shards.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quiet_transformers()
@@ -161,8 +174,10 @@ def load_model(path: Path, quant: str):
         "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
         "int8": dict(load_in_8bit=True),
     }
+    if shardable and quant in ("nf4", "fp4"):
+        bnb[quant]["bnb_4bit_quant_storage"] = torch.float32
     if quant in bnb:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"   # this rank's GPU
         model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**bnb[quant]),
                                                      device_map=device)
         never_repack(model)                            # an eval-mode forward (fusion probe, scoring) keeps it trainable
@@ -203,6 +218,29 @@ def tokenizer_for(path: Path | None, vocab_size: int) -> Callable[[str], list[in
 def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainResult:
     """Run one training job; return the per-step losses.
 
+    Under a launcher (`torchrun`, `accelerate launch`: WORLD_SIZE > 1) every process calls it: it joins
+    the group once the model is loaded (and leaves it, where it joined it), and rank 0 alone logs and writes.
+
+    Raises:
+        UsageError: A bad setting, or a `--resume` whose settings differ from the checkpoint's.
+        ValueError: A checkpoint that is damaged or in the old (pickle) format.
+        TrainingDiverged: A non-finite loss or adapter; the last checkpoint written is kept.
+    """
+    joined = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    try:
+        return _train(options, log if distributed.launched_rank() == 0 else _silent)
+    finally:
+        if joined and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _silent(_: str) -> None:
+    """The log of ranks other than 0."""
+
+
+def _train(options: TrainOptions, log: Callable[[str], None]) -> TrainResult:
+    """`train` in this process (one of the group's, if any).
+
     Raises:
         UsageError: A bad setting, or a `--resume` whose settings differ from the checkpoint's.
         ValueError: A checkpoint that is damaged or in the old (pickle) format.
@@ -216,6 +254,10 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
     if options.steps is None:
         options = replace(options, steps=TASK_STEPS if options.model is None and options.data is None else TEXT_STEPS)
     _check(options)
+    world, rank = distributed.launched_world_size(), distributed.launched_rank()
+    _check_world(options, world)
+    if world > 1:
+        distributed.use_local_gpu()                    # before loading: each rank's model on its own GPU
     torch.manual_seed(options.seed)                    # LoRA init and dropout: the same run for the same --seed
     checkpoint = latest_checkpoint(options.output) if options.resume else None
     if options.resume and checkpoint is None:
@@ -226,14 +268,14 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
     source = model_source(options.model)
     task = DateTask(source, options.batch_size) if default_task else None
     text = task.text if task is not None else text
-    settings = run_settings(options, text)
+    settings = run_settings(options, text, world)
     if state is not None:
         check_resume(options, settings, state)
     if source is None:
         with tempfile.TemporaryDirectory(prefix="qlora-inject-model-") as tmp:
-            model = load_model(build_default_model(Path(tmp), options.seed), options.quant)
+            model = load_model(build_default_model(Path(tmp), options.seed), options.quant, options.fsdp)
     else:
-        model = load_model(source, options.quant)
+        model = load_model(source, options.quant, options.fsdp)
     if task is not None:
         sample, size = task.sample, f"{len(task.train_examples):,} training examples"
     else:
@@ -247,7 +289,8 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
         lora_model = LoraModel(model, config)
         check_and_copy(lora_model.model, saved, "default")
     else:
-        config = LoraConfig(r=options.r, lora_alpha=options.alpha, target_modules=targets, lora_dropout=0.05,
+        config = LoraConfig(r=options.r, lora_alpha=options.alpha, target_modules=targets,
+                            lora_dropout=options.lora_dropout,
                             task_type="CAUSAL_LM", base_model_name_or_path=settings["model"])
         lora_model = LoraModel(model, config)
     if options.fuse:
@@ -261,44 +304,55 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
             before = task.evaluate(lora_model)
         log(f"before: held-out exact match {before.accuracy:.0%}, answer loss {before.loss:.3f}")
 
+    device = next(p.device for p in lora_model.parameters() if p.requires_grad)
+    distributed.join_launched_group()                  # after loading: transformers saves from rank 0 only then
+    engine = wrap_for_processes(lora_model, options.fsdp, device)          # lora_model itself with one process
     optimizer = torch.optim.AdamW([p for p in lora_model.parameters() if p.requires_grad], lr=options.lr)
     generator = torch.Generator().manual_seed(options.seed)
     losses: list[float] = []
     start = 0
     if state is not None:
         load_optimizer_state(optimizer, state.optimizer, checkpoint)
+        if options.fsdp:
+            distributed.shard_optimizer_state(optimizer)
         losses, start = list(state.losses), state.step
         log(f"resumed from {checkpoint} at step {start}")
-    device = next(p.device for p in lora_model.parameters() if p.requires_grad)
 
     reason = why_not_chunked(lora_model)
     if reason is None:
         def loss_of(batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:   # no (tokens × vocabulary) logits
-            return causal_lm_loss(lora_model, batch, labels)
+            return causal_lm_loss(engine, batch, labels)
     else:
         log(f"loss: the model's own ({reason})")
 
         def loss_of(batch: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            return lora_model(input_ids=batch, labels=labels).loss
+            return engine(input_ids=batch, labels=labels).loss
 
     lora_model.train()
     if state is not None:
-        restore_rng(state.rng, generator)              # last, after everything above that draws random numbers
+        restore_rng(state.rng, generator, rank)        # last, after everything above that draws random numbers
+    elif rank:
+        torch.manual_seed((options.seed + rank) % 2**64)   # each rank its own dropout masks
     saved_step = start if state is not None else None
     began, seen = time.perf_counter(), 0
-    bar = _progress(range(start, options.steps), options.progress, start, options.steps)
+    bar = _progress(range(start, options.steps), options.progress and rank == 0, start, options.steps)
     for step in bar:
         batch, labels = sample(generator)
+        if world > 1:
+            batch, labels, weight = rank_slice(batch, labels, rank, world)
         batch, labels = batch.to(device), labels.to(device)
         loss = loss_of(batch, labels)
         value = loss.item()
+        if world > 1:                                  # the averaged gradient and the logged loss: the whole batch's
+            loss = loss * weight
+            value = distributed.all_reduce_sum(value * weight) / world
         if not math.isfinite(value):
             raise TrainingDiverged(_diverged(f"the loss of step {step + 1} is {value}", options, saved_step))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(value)
-        seen += batch.numel()
+        seen += batch.numel() * world
         rate = seen / (time.perf_counter() - began)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.4f}", tokens_per_s=f"{rate:,.0f}")
@@ -311,16 +365,18 @@ def train(options: TrainOptions, log: Callable[[str], None] = print) -> TrainRes
     _check_finite_adapter(lora_model, options.steps, options, saved_step)
     write_checkpoint(options.output, lora_model, optimizer, options.steps, losses, generator, settings)
     lora_model.save_pretrained(options.output)
-    atomic_write_bytes(options.output / "losses.json", json.dumps(losses).encode())
-    plot_losses(losses, options.output / "loss_curve.png")
+    if rank == 0:
+        atomic_write_bytes(options.output / "losses.json", json.dumps(losses).encode())
+        plot_losses(losses, options.output / "loss_curve.png")
     if losses:
         log(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over steps {start + 1}-{options.steps}; "
             f"{rate:,.0f} tokens/s; adapter in {options.output}")
     after = None
     if task is not None:
-        after = task.evaluate(lora_model)
+        after = evaluate_sharded(task, lora_model)
         table = task.table(before, after)
-        atomic_write_bytes(options.output / "before_after.md", (table + "\n").encode())
+        if rank == 0:
+            atomic_write_bytes(options.output / "before_after.md", (table + "\n").encode())
         log(table)
     return TrainResult(losses, start, options.output, rate, before=before, after=after)
 
@@ -356,24 +412,32 @@ def _windows(ids: list[int], options: TrainOptions):
 
 # --- resume --------------------------------------------------------------------------------------
 
-def run_settings(options: TrainOptions, text: str) -> dict[str, object]:
-    """The settings a checkpoint records and a resume must repeat (`--model` as given, or "builtin")."""
+def run_settings(options: TrainOptions, text: str, world: int = 1) -> dict[str, object]:
+    """The settings a checkpoint records and a resume must repeat (`--model` as given, or "builtin"),
+    with the number of processes that trained."""
     return {
         "model": str(options.model) if options.model is not None else DEFAULT_MODEL,
         "quant": options.quant, "r": options.r, "alpha": float(options.alpha),
         "target_modules": options.target_modules, "lr": float(options.lr), "batch_size": options.batch_size,
         "seq_len": options.seq_len, "data": str(options.data) if options.data is not None else None,
         "data_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "seed": options.seed,
-        "fuse": options.fuse,
+        "fuse": options.fuse, "lora_dropout": float(options.lora_dropout), "world_size": world,
     }
 
 
 def check_resume(options: TrainOptions, settings: dict[str, object], state: TrainerState) -> None:
     """Refuse a resume that would not continue the checkpoint's run, naming every setting that differs."""
     saved = state.settings
+    here, there = settings.get("world_size", 1), saved.get("world_size", LEGACY_SETTINGS["world_size"])
+    if here != there:
+        raise UsageError(
+            f"--resume: the checkpoint in {str(options.output)!r} was written by {there} process(es), this run has "
+            f"{here}: each rank's slice of the batch and its dropout masks follow the world size, so the run would "
+            f"not continue as it began; resume with {there} (torchrun --nproc_per_node {there}), or start over "
+            "without --resume")
     differ = []
     for name in RESUME_SETTINGS:
-        here, there = settings[name], saved.get(name)
+        here, there = settings[name], saved.get(name, LEGACY_SETTINGS.get(name))
         if name == "model" and isinstance(there, str) and here != DEFAULT_MODEL != there \
                 and Path(str(here)).resolve() == Path(there).resolve():
             continue
@@ -396,17 +460,71 @@ def _as_flag(name: str, value: object) -> str:
 
 
 def _check_finite_adapter(lora_model, step: int, options: TrainOptions, saved_step: int | None) -> None:
-    """A non-finite adapter weight is never checkpointed (a finite loss can still give an inf update)."""
-    for name, param in lora_model.named_parameters():
-        if param.requires_grad and not bool(torch.isfinite(param).all()):
-            raise TrainingDiverged(_diverged(f"after step {step} {name} holds non-finite values", options,
-                                             saved_step))
+    """A non-finite adapter weight is never checkpointed (a finite loss can still give an inf update).
+
+    Each rank checks its shard; all ranks stop when any finds one."""
+    bad = next((name for name, param in lora_model.named_parameters() if param.requires_grad and not bool(
+        torch.isfinite(param.to_local() if distributed.is_dtensor(param) else param).all())), None)
+    if distributed.any_rank(bad is not None):
+        raise TrainingDiverged(_diverged(f"after step {step} {bad or 'a LoRA weight of another rank'} holds "
+                                         "non-finite values", options, saved_step))
 
 
 def _diverged(what: str, options: TrainOptions, saved_step: int | None) -> str:
     kept = (f"the last good checkpoint (step {saved_step}) is kept in {str(options.output / CHECKPOINT)!r}"
             if saved_step is not None else "no checkpoint was written yet")
     return f"training stopped: {what}; nothing of it is saved and {kept}. Lower --lr (now {options.lr:g})"
+
+
+# --- more than one process ----------------------------------------------------------------------
+
+def _check_world(options: TrainOptions, world: int) -> None:
+    if options.fsdp and world == 1:
+        raise UsageError("--fsdp shards over several processes, and this is one; launch with torchrun "
+                         "--nproc_per_node N (or accelerate launch), or drop --fsdp")
+    if options.batch_size % world:
+        raise UsageError(f"--batch-size {options.batch_size} does not split over {world} processes; give a multiple "
+                         f"of {world} (each rank trains on its slice of the batch)")
+
+
+def wrap_for_processes(lora_model, fsdp: bool, device: torch.device):
+    """`lora_model` as the group trains it: DDP around it, or sharded in place by FSDP2 (`--fsdp`);
+    `lora_model` itself with one process."""
+    if distributed.world_size() == 1:
+        return lora_model
+    if fsdp:
+        return distributed.shard(lora_model)
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    parameters = inspect.signature(DistributedDataParallel).parameters
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in parameters \
+        else "broadcast_buffers"                      # the frozen base's buffers never change: no sync per forward
+    return DistributedDataParallel(lora_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **{no_sync: False})
+
+
+def rank_slice(batch: torch.Tensor, labels: torch.Tensor, rank: int, world: int):
+    """This rank's rows of the global batch, and the weight of its loss: (its scored tokens / the batch's)
+    × world, so that the engine's average of the ranks' gradients is the whole batch's mean-loss gradient."""
+    rows = batch.shape[0] // world
+    part, part_labels = batch[rank * rows:(rank + 1) * rows], labels[rank * rows:(rank + 1) * rows]
+    scored = int((labels[:, 1:] != -100).sum())
+    weight = int((part_labels[:, 1:] != -100).sum()) * world / max(scored, 1)
+    return part, part_labels, weight
+
+
+def evaluate_sharded(task: DateTask, lora_model) -> Evaluation:
+    """`task.evaluate(lora_model)`, on every rank; an FSDP2 root's own weights (embeddings, head) are
+    gathered for it, as generation does not run the root's forward."""
+    if distributed.engine_of(lora_model) != "fsdp2":
+        return task.evaluate(lora_model)
+    lora_model.unshard()
+    try:
+        return task.evaluate(lora_model)
+    finally:
+        lora_model.reshard()
 
 
 def plot_losses(losses: list[float], path: Path) -> None:
@@ -434,6 +552,8 @@ def _check(options: TrainOptions) -> None:
         value = getattr(options, name)
         if value < 1:
             raise UsageError(f"--{name.replace('_', '-')} {value} must be at least 1")
+    if not 0 <= options.lora_dropout < 1:
+        raise UsageError(f"--lora-dropout {options.lora_dropout} must be in [0, 1), e.g. 0.05")
     if not 0 <= options.seed < 2**64:
         raise UsageError(f"--seed {options.seed} must be between 0 and 2**64 - 1")
     if not math.isfinite(options.alpha):

@@ -1,6 +1,7 @@
 """One rank of tests/test_distributed.py: trains a tiny quantized Llama's LoRA under each engine.
 
     python distributed_worker.py RANK WORLD PORT OUT TINY_LLAMA_DIR SCENARIO[,SCENARIO...]
+    torchrun ... distributed_worker.py cli OUT train ...    (qlora-inject under DDP, then FSDP2; writes recorded)
 
 A scenario is `engine-format` (engine: ddp, fsdp2, fsdp1; fsdp2lora shards each LoRA Linear as its own
 unit, which must be refused). Before joining the group every rank trains the same model alone on the
@@ -133,7 +134,34 @@ def run(scenario: str, rank: int, out: Path, directory: str, calls: list, saves:
     return result
 
 
+def cli(out: Path, argv: list[str]) -> None:
+    """`qlora-inject ARGV --output OUT/<engine>/run` as one rank under torchrun, for DDP then FSDP2 (`--fsdp`)
+    in the same processes, recording each folder it writes (checkpoint, adapter) in
+    OUT/<engine>/writes-rank<RANK>.txt."""
+    import os
+
+    import qlora_inject.adapter_io as adapter_io
+    from qlora_inject.cli import main as qlora_inject
+
+    write = adapter_io.write_files
+    for engine, flags in (("ddp", []), ("fsdp", ["--fsdp"])):
+        record = out / engine / f"writes-rank{os.environ['RANK']}.txt"
+
+        def counted(directory, files, record=record):
+            with record.open("a") as handle:
+                handle.write(f"{sorted(files)}\n")
+            return write(directory, files)
+
+        adapter_io.write_files = counted
+        if os.environ["RANK"] == "0":
+            print(f"=== {engine}", flush=True)                              # the test splits the log here
+        if qlora_inject([*argv, *flags, "--output", str(out / engine / "run")]) != 0:
+            sys.exit(1)
+
+
 def main() -> None:
+    if sys.argv[1] == "cli":
+        return cli(Path(sys.argv[2]), sys.argv[3:])
     rank, world, port = (int(a) for a in sys.argv[1:4])
     out, directory, scenarios = Path(sys.argv[4]), sys.argv[5], sys.argv[6].split(",")
     import qlora_inject.adapter_io as adapter_io

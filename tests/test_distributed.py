@@ -130,3 +130,87 @@ def test_base_frozen_is_read_from_the_parameters_injection_froze():
     base._parameters["weight"] = nn.Parameter(original.detach().clone())    # a new trainable weight, no record
     del original
     assert base_trains(base)
+
+
+# --- qlora-inject train under torchrun ------------------------------------------------------------
+
+TRAIN = ["train", "--model", "tiny", "--steps", "3", "--batch-size", "4", "--seq-len", "32", "--rank", "4",
+         "--target-modules", "q_proj,v_proj", "--lora-dropout", "0", "--save-every", "2", "--no-progress"]
+ENGINES = ("ddp", "fsdp")                                            # the worker runs both
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> Path:
+    """`qlora-inject train` under `torchrun --nproc_per_node 2` (DDP, then FSDP2, in the same two processes)
+    and, meanwhile, in this process."""
+    from qlora_inject.cli import main
+
+    out = tmp_path_factory.mktemp("torchrun")
+    for engine in ENGINES:
+        (out / engine).mkdir()
+    worker = Path(__file__).with_name("distributed_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+                             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(worker), "cli",
+                             str(out), *TRAIN], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert main([*TRAIN, "--output", str(out / "single")]) == 0
+        log = proc.communicate(timeout=240)[0].decode(errors="replace")      # never hangs the suite
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-3000:]
+    for engine, part in zip(ENGINES, log.split("=== ")[1:], strict=True):
+        (out / engine / "log.txt").write_text(part)
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_train_under_torchrun_gives_the_one_process_adapter_and_losses(cli_runs, engine):
+    run, single = cli_runs / engine / "run", cli_runs / "single"
+    saved, alone = (_tensors(d / "adapter_model.safetensors") for d in (run, single))
+    assert saved.keys() == alone.keys() and len(saved) == 2 * 2 * 4             # lora_A/B × q,v × 4 layers
+    for key, value in alone.items():
+        torch.testing.assert_close(saved[key], value, atol=1e-5, rtol=0)
+    losses, alone_losses = (json.loads((d / "losses.json").read_text()) for d in (run, single))
+    assert len(losses) == 3
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(alone_losses), atol=1e-5, rtol=0)
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["settings"]["world_size"] == WORLD and state["step"] == 3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_train_under_torchrun_writes_from_rank_0_only(cli_runs, engine):
+    writes = (cli_runs / engine / "writes-rank0.txt").read_text().splitlines()
+    assert len(writes) == 3, writes                                           # checkpoints at steps 2 and 3, adapter
+    assert sum("trainer_state.json" in line for line in writes) == 2
+    assert not (cli_runs / engine / "writes-rank1.txt").exists()
+    assert (cli_runs / engine / "log.txt").read_text().count("adapter in") == 1
+
+
+def test_resume_with_another_world_size_is_refused_naming_both(cli_runs):
+    from qlora_inject.train import TrainOptions, UsageError, train
+
+    options = TrainOptions(model="tiny", steps=4, batch_size=4, seq_len=32, r=4, target_modules="q_proj,v_proj",
+                           lora_dropout=0.0, save_every=2, progress=False, output=cli_runs / "ddp" / "run",
+                           resume=True)
+    with pytest.raises(UsageError, match=r"written by 2 process\(es\), this run has 1.*--nproc_per_node 2"):
+        train(options, log=lambda _: None)
+
+
+def test_adapters_saved_under_ddp_and_fsdp_load_in_peft(runs, cli_runs, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from qlora_inject.train import build_default_model
+
+    out, _ = runs
+    tiny = build_default_model(tmp_path / "tiny")                             # --model tiny's base (seed 0)
+    pairs = [(tiny, cli_runs / engine / "run") for engine in ENGINES]
+    pairs += [(tiny_llama_dir(), out / f"{scenario}-adapter") for scenario in ("ddp-nf4", "fsdp2-nf4")]
+    for base_dir, adapter in pairs:
+        peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), adapter)
+        loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+        saved = _tensors(adapter / "adapter_model.safetensors")
+        assert saved and loaded.keys() == saved.keys(), adapter
+        for key, value in saved.items():
+            assert torch.equal(loaded[key], value), (adapter, key)
