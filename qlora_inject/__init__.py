@@ -28,6 +28,7 @@ from qlora_inject.modules_to_save import ModulesToSaveWrapper
 from qlora_inject.pretrained import load_quantized, model_directory
 from qlora_inject.registry import (
     Backend,
+    BackendBase,
     UnsupportedModuleError,
     backend_names,
     find_backend,
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterSpec",
     "Backend",
+    "BackendBase",
     "FusionReport",
     "InjectionReport",
     "LoraConfig",

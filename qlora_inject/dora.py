@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qlora_inject.registry import forward_is_exact
+from qlora_inject.registry import base_forward_is_exact
 
 
 class MagnitudeVector(nn.Module):
@@ -58,7 +58,7 @@ def row_norm(layer, name: str) -> Tensor:
         B = layer.lora_B[name].weight.float()                                 # (out, r)
         s = layer.scaling[name]
         dtype = layer.lora_compute_dtype[name] or torch.float32
-        if forward_is_exact(layer.backend, layer.base_layer, A.device):
+        if base_forward_is_exact(layer.backend, layer.base_layer, A.device):
             w_at = base_without_bias(layer, A.to(dtype)).float().t()          # (out, r) = W Aᵀ, by the base itself
         else:                                                                 # its forward rounds: use the weight
             w_at = layer.backend.dequantize(layer.base_layer).float() @ A.t()

@@ -16,7 +16,7 @@ from qlora_inject.backends.dense import is_conv1d
 from qlora_inject.config import LoraConfig
 from qlora_inject.lora import AdapterSpec, LoraLinear
 from qlora_inject.modules_to_save import ModulesToSaveWrapper, check_trainable_in_full
-from qlora_inject.registry import require_backend
+from qlora_inject.registry import check_wrappable, require_backend
 from qlora_inject.selfcheck import layer_key, verify_layout
 from qlora_inject.targeting import iter_modules, name_matches, replace_module, select
 
@@ -111,6 +111,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             wrapper = module
         else:
             backend = require_backend(module, name)
+            check_wrappable(backend, module)
             key = layer_key(backend, module)
             if key not in checked:                                       # once per layer configuration
                 verify_layout(backend, module, name)

@@ -31,7 +31,7 @@ from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear, lora
 from qlora_inject.kernels.lora_batched import lora_gathered_any, stack_adapters
 from qlora_inject.kernels.workspace import scratch
 from qlora_inject.mixed_batch import assigned_adapters
-from qlora_inject.registry import Backend, find_backend, forward_is_exact
+from qlora_inject.registry import Backend, base_forward_is_exact, find_backend, trains_fused
 
 BASE_ADAPTER = "__base__"                                                     # "no adapter" in a mixed batch
 
@@ -79,6 +79,9 @@ class LoraLinear(nn.Module):
         self.base_layer = base_layer
         self.backend = backend
         self.in_features, self.out_features = backend.features(base_layer)
+        adopt = getattr(backend, "adopt", None)                              # e.g. bnb 4-bit: opt out of CPU repacking
+        if adopt is not None:
+            adopt(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -227,7 +230,7 @@ class LoraLinear(nn.Module):
         count, see `distributed.base_trains`). Otherwise (GPU inference, where the owning library's
         kernels serve best) None, and the base runs its own forward.
         """
-        if not (self.fuse and getattr(self.backend, "fused", False)) or (not needs_grad and x.device.type != "cpu"):
+        if not (self.fuse and trains_fused(self.backend)) or (not needs_grad and x.device.type != "cpu"):
             return None
         base = self.base_layer
         if base_trains(base):
@@ -241,7 +244,7 @@ class LoraLinear(nn.Module):
             return self.backend.dequantize(base, out=scratch(numel, dtype, device))
 
         own_forward = None
-        if not forward_is_exact(self.backend, base, device):               # keep the format's own forward numerics
+        if not base_forward_is_exact(self.backend, base, device):               # keep the format's own forward numerics
             def own_forward(inputs: Tensor) -> Tensor:
                 return self.backend.forward(base, inputs)
         bias = getattr(base, "bias", None)

@@ -8,6 +8,8 @@ registered last, so quantized subclasses of `nn.Linear` (bitsandbytes' layers) a
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -16,24 +18,15 @@ from torch import Tensor, nn
 
 @runtime_checkable
 class Backend(Protocol):
-    """What a weight format must provide to be wrapped with LoRA."""
+    """What a weight format must provide to be wrapped with LoRA (the seven required members).
+
+    `BackendBase` implements this protocol with documented defaults for everything but `name`,
+    `matches` and `dequantize`, plus the optional hooks below; subclass it, or implement the protocol
+    yourself (the optional hooks are then read with their defaults: `trains_fused`,
+    `base_forward_is_exact`, `declared_forward_rtol`).
+    """
 
     name: str
-    # Optional attributes a backend may set:
-    #   forward_is_exact(module, device) -> bool  False when forward(x) is not x·dequantize(W)ᵀ + bias
-    #                          up to float rounding for the module as it is now (LLM.int8 rounds
-    #                          activations, except in bitsandbytes' CPU training path); DoRA then reads
-    #                          W instead of the forward. Absent: always exact.
-    #   reference_forward(module, x)  the owning library's own computation, for the layout self-check,
-    #                          when `forward` is ours rather than the module's.
-    #   module_forward_rtol(module, dtype) -> float  where the base output (adapters disabled included) is
-    #                          computed here rather than by the module's own forward, and the module's own
-    #                          forward computes in another precision: the relative (norm) difference to
-    #                          expect between the two for inputs of `dtype`. Absent: not declared.
-    #   fused = True           `dequantize` takes an `out=` scratch (it may ignore it): training then runs
-    #                          the base and its plain LoRA adapters as one op (kernels/fused_lora.py),
-    #                          whose forward is x·dequantize(W)ᵀ + module.bias, or `forward` itself
-    #                          when the forward is not exact, and whose backward re-dequantizes.
 
     def matches(self, module: nn.Module) -> bool:
         """True when this backend handles `module` (by class, or by its attributes)."""
@@ -47,8 +40,9 @@ class Backend(Protocol):
         """The dtype the layer computes in; None means 'whatever the input is'."""
         ...
 
-    def dequantize(self, module: nn.Module) -> Tensor:
-        """The dense (out, in) weight, in pure torch."""
+    def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
+        """The dense (out, in) weight, in pure torch; written into `out` (a scratch of out·in elements in the
+        compute dtype) where the backend can, which lets training run through the fused op."""
         ...
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
@@ -58,6 +52,71 @@ class Backend(Protocol):
     def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
         """A new module of the same format holding the dense (out, in) `weight`."""
         ...
+
+
+class BackendBase:
+    """A backend's defaults. Asking a backend a question never changes the module it is asked about.
+
+    Required in a subclass: `name`, `matches`, `dequantize` (taking `out=`), and `requantize` for merges.
+    Optional, with these defaults:
+    - `fused`: None, meaning "decide from `dequantize`'s signature": a backend whose `dequantize` takes
+      `out=` trains through the fused op (kernels/fused_lora.py: x·dequantize(W)ᵀ + bias, or `forward`
+      itself where `forward_is_exact` is False, and a backward that re-dequantizes). Set False to keep
+      the unfused path (the module's own forward, then the adapters).
+    - `forward_is_exact(module, device)`: True; False when `forward(x)` is not x·dequantize(W)ᵀ + bias up
+      to float rounding for the module as it is now (LLM.int8 rounds activations); DoRA then reads W.
+    - `module_forward_rtol(module, dtype)`: None; where the base output is computed here rather than by
+      the module's own forward in another precision, the relative (norm) difference to expect.
+    - `reference_forward(module, x)`: absent; the owning library's own computation, for the layout
+      self-check, when `forward` is not the module's.
+    - `check(module)`: raise when the module cannot be wrapped as it is (called while planning).
+    - `adopt(module)`: called once when a `LoraLinear` takes the module as its base.
+    """
+
+    name: str = ""
+    fused: bool | None = None
+
+    def matches(self, module: nn.Module) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} must implement matches(module)")
+
+    def features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
+        return None                                                   # computes in the input's dtype
+
+    def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement dequantize(module, out=None)")
+
+    def forward(self, module: nn.Module, x: Tensor) -> Tensor:
+        return module(x)
+
+    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
+        raise NotImplementedError(f"the {self.name!r} backend cannot requantize, so its layers cannot be merged; "
+                                  "merge into a dense model instead (merge_and_unload(dequantize=True))")
+
+    def forward_is_exact(self, module: nn.Module, device: torch.device) -> bool:
+        return True
+
+    def module_forward_rtol(self, module: nn.Module, dtype: torch.dtype) -> float | None:
+        return None
+
+    def check(self, module: nn.Module) -> None:
+        return None
+
+    def adopt(self, module: nn.Module) -> None:
+        """Called once when a `LoraLinear` takes `module` as its base (bitsandbytes 4-bit opts the layer out
+        of its in-place CPU repacking here); the default does nothing."""
+        return None
+
+    def check_weight_shape(self, module: nn.Module, weight: Tensor) -> None:
+        """Refuse a dense `weight` that does not fit `module` (for `requantize`)."""
+        in_features, out_features = self.features(module)
+        if tuple(weight.shape) != (out_features, in_features):
+            raise ValueError(
+                f"weight of shape {tuple(weight.shape)} does not fit a {in_features}->{out_features} layer, "
+                f"which needs ({out_features}, {in_features}) ({self.name} backend)"
+            )
 
 
 class UnsupportedModuleError(TypeError):
@@ -143,18 +202,41 @@ def require_backend(module: nn.Module, name: str) -> Backend:
     return backend
 
 
-def forward_is_exact(backend: Backend, module: nn.Module, device: torch.device) -> bool:
+def trains_fused(backend: Backend) -> bool:
+    """Whether layers of `backend` train through the fused op: its `fused` flag where it sets one, else
+    whether its `dequantize` takes an `out=` scratch."""
+    declared = getattr(backend, "fused", None)
+    return bool(declared) if declared is not None else _dequantize_takes_out(type(backend))
+
+
+@functools.cache
+def _dequantize_takes_out(backend_type: type) -> bool:
+    try:
+        return "out" in inspect.signature(backend_type.dequantize).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def base_forward_is_exact(backend: Backend, module: nn.Module, device: torch.device) -> bool:
     """Whether `backend.forward(module, x)` for an `x` on `device` is x·dequantize(W)ᵀ + bias up to float
     rounding (the backend's `forward_is_exact`, True where it has none)."""
     check = getattr(backend, "forward_is_exact", None)
     return True if check is None else bool(check(module, device))
 
 
-def module_forward_rtol(backend: Backend, module: nn.Module, dtype: torch.dtype) -> float | None:
+def declared_forward_rtol(backend: Backend, module: nn.Module, dtype: torch.dtype) -> float | None:
     """How far (relative, in norm) the wrapped base output may be from `module`'s own forward for inputs of
     `dtype`, as the backend declares it (`module_forward_rtol`); None where it declares nothing."""
     declared = getattr(backend, "module_forward_rtol", None)
-    return None if declared is None else float(declared(module, dtype))
+    value = None if declared is None else declared(module, dtype)
+    return None if value is None else float(value)
+
+
+def check_wrappable(backend: Backend, module: nn.Module) -> None:
+    """Run the backend's `check(module)` where it has one (raises when the module cannot be wrapped)."""
+    check = getattr(backend, "check", None)
+    if check is not None:
+        check(module)
 
 
 def class_is(module: nn.Module, class_name: str, module_prefix: str) -> bool:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from qlora_inject import LoraConfig, inject
-from qlora_inject.registry import forward_is_exact
+from qlora_inject.registry import base_forward_is_exact
 
 from conftest import requires
 from factories import IN_FEATURES, Holder, make_awq, make_bnb4, make_bnb8, make_dense, make_gptq, make_hqq
@@ -135,7 +135,7 @@ def test_lora_term_output_and_gradients_against_fp64(fmt, act, compute, adapter)
     def output_reference(training: bool) -> torch.Tensor:
         """x·Wᵀ + b + term in fp64; a base whose own forward rounds (LLM.int8 at inference) by that forward."""
         layer.base_layer.train(training)
-        if forward_is_exact(layer.backend, layer.base_layer, x.device):
+        if base_forward_is_exact(layer.backend, layer.base_layer, x.device):
             return x64 @ weight.t() + bias + term_ref
         with torch.no_grad():
             return layer.base_layer(x).double() + term_ref

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from qlora_inject import LoraConfig, inject
 from qlora_inject.bench import saved_for_backward_bytes
 from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
-from qlora_inject.registry import forward_is_exact
+from qlora_inject.registry import base_forward_is_exact
 
 from factories import FORMAT_LAYERS, IN_FEATURES, Holder, format_params
 
@@ -85,7 +85,7 @@ def test_no_dense_weight_is_saved_and_backward_dequantizes_only_for_the_input_gr
     weight_bytes = layer.in_features * layer.out_features * 4
     adapter_bytes = sum(p.numel() * p.element_size() for p in layer.parameters() if p.requires_grad)
     assert saved <= x.numel() * 4 + adapter_bytes + 8 * 4 * 4 < weight_bytes
-    in_forward = int(forward_is_exact(layer.backend, layer.base_layer, x.device))   # else its own forward
+    in_forward = int(base_forward_is_exact(layer.backend, layer.base_layer, x.device))   # else its own forward
     calls.clear()
     model(x).sum().backward()
     assert len(calls) == in_forward + 1                                     # (forward) + backward

@@ -125,7 +125,7 @@ def test_modules_to_save_naming_a_4bit_layer_is_refused_and_the_model_is_unchang
 @pytest.mark.parametrize(("scales", "inputs"), [(torch.float32, torch.float32), (torch.float16, torch.float16),
                                                  (torch.bfloat16, torch.bfloat16)], ids=str)
 def test_gptqmodel_awq_without_adapters_is_the_modules_own_forward_within_the_declared_tolerance(scales, inputs):
-    from qlora_inject.registry import module_forward_rtol
+    from qlora_inject.registry import declared_forward_rtol
 
     layer = make_awq(4, 32, dtype=scales)
     own = copy.deepcopy(layer)                                  # its forward rewrites its scales: run a copy
@@ -135,7 +135,7 @@ def test_gptqmodel_awq_without_adapters_is_the_modules_own_forward_within_the_de
         ours = model(x).float()
     with torch.no_grad():
         theirs = own(x).float()
-    rtol = module_forward_rtol(model.model.proj.backend, layer, inputs)
+    rtol = declared_forward_rtol(model.model.proj.backend, layer, inputs)
     assert 0 < rtol <= 2 ** -7
     assert ((ours - theirs).norm() / theirs.norm()).item() <= rtol
     assert layer.scales.dtype == scales

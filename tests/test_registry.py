@@ -120,3 +120,97 @@ def test_bnb_layers_are_recognised_by_attributes_too():
 
     assert find_backend(Lookalike()).name == "bnb-4bit"
     torch.testing.assert_close(find_backend(Lookalike()).dequantize(Lookalike()), find_backend(real).dequantize(real))
+
+
+class RowScaledWithScratch(RowScaledBackend):
+    """README's seven methods, with a `dequantize` that takes the `out=` scratch, and no `fused` flag."""
+
+    name = "row-scaled-int8-out"
+
+    def dequantize(self, module, out=None):
+        weight = module.codes.float() * module.row_scale[:, None]
+        return weight if out is None else out.view_as(weight).copy_(weight)
+
+
+def _fused_calls_while_training(backend, monkeypatch) -> int:
+    from qlora_inject import lora
+
+    calls = []
+    original = lora.fused_lora_linear
+    monkeypatch.setattr(lora, "fused_lora_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    register_backend(backend)
+    try:
+        weight = torch.randn(16, 32)
+        model = nn.Sequential(RowScaledInt8Linear(weight))
+        inject(model, LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+        x = torch.randn(5, 32, requires_grad=True)
+        y = model(x)
+        y.sum().backward()
+        layer = model[0]
+        expected = F.linear(x, layer.base_layer.codes.float() * layer.base_layer.row_scale[:, None])
+        expected = expected + layer.scaling["default"] * (x @ layer.lora_A["default"].weight.t()
+                                                          @ layer.lora_B["default"].weight.t())
+        torch.testing.assert_close(y, expected)
+        assert layer.lora_A["default"].weight.grad is not None
+    finally:
+        unregister_backend(backend.name)
+    return len(calls)
+
+
+def test_a_user_backend_whose_dequantize_takes_out_trains_through_the_fused_op(monkeypatch):
+    from qlora_inject.registry import trains_fused
+
+    assert trains_fused(RowScaledWithScratch()) and not trains_fused(RowScaledBackend())
+    assert _fused_calls_while_training(RowScaledWithScratch(), monkeypatch) == 1
+    assert _fused_calls_while_training(RowScaledBackend(), monkeypatch) == 0     # no scratch: the unfused path
+
+
+def test_backend_base_gives_the_documented_defaults():
+    from qlora_inject.registry import BackendBase, base_forward_is_exact, declared_forward_rtol, trains_fused
+
+    class Minimal(BackendBase):
+        name = "minimal"
+
+        def matches(self, module):
+            return False
+
+        def dequantize(self, module, out=None):
+            return module.weight
+
+    backend, layer = Minimal(), nn.Linear(8, 4)
+    assert backend.features(layer) == (8, 4) and backend.compute_dtype(layer) is None
+    assert trains_fused(backend) and base_forward_is_exact(backend, layer, torch.device("cpu"))
+    assert declared_forward_rtol(backend, layer, torch.float32) is None
+    x = torch.randn(2, 8)
+    assert torch.equal(backend.forward(layer, x), layer(x))
+    with pytest.raises(NotImplementedError, match=r"'minimal' backend cannot requantize.*dequantize=True"):
+        backend.requantize(layer, torch.zeros(4, 8))
+    with pytest.raises(ValueError, match=r"weight of shape \(3, 8\) does not fit a 8->4 layer, which needs \(4, 8\) \(minimal backend\)"):
+        backend.check_weight_shape(layer, torch.zeros(3, 8))
+    Minimal.fused = False                                   # an explicit flag wins over the signature
+    assert not trains_fused(Minimal())
+
+
+@requires("bitsandbytes")
+def test_asking_a_backend_about_a_module_never_changes_it():
+    from factories import FORMAT_LAYERS
+
+    for fmt, (make, package) in FORMAT_LAYERS.items():
+        if package is not None and __import__("importlib").util.find_spec(package) is None:
+            continue
+        module = make()
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = True            # as bitsandbytes sets it on AVX512-BF16 machines
+        before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(module).items()
+                  if not k.startswith("_")}
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        backend = find_backend(module)
+        backend.features(module)
+        backend.compute_dtype(module)
+        backend.dequantize(module)
+        after = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+        assert before.keys() == after.keys(), fmt
+        for key, value in before.items():
+            same = torch.equal(value, after[key]) if isinstance(value, torch.Tensor) else value == after[key]
+            assert same, f"{fmt}: asking {backend.name} changed {key}"
+        assert all(torch.equal(state[k], v) for k, v in module.state_dict().items()), fmt

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from qlora_inject.backends.gptq import can_train, is_gptqmodel_layer, methods_of
 from qlora_inject.kernels.dequant_gptq import dequantize_awq_gemm, dequantize_awq_gemv
 from qlora_inject.kernels.dequant_matmul import dequantized_linear
-from qlora_inject.registry import class_is
+from qlora_inject.registry import BackendBase, class_is
 
 
 def _is_gemv(module: nn.Module) -> bool:
@@ -37,11 +37,10 @@ def _bits(module: nn.Module) -> int:
     return int(getattr(module, "w_bit", None) or module.bits)
 
 
-class AwqBackend:
+class AwqBackend(BackendBase):
     """AWQ at 2–8 bits (GPTQModel) or 4 bits (AutoAWQ), GEMM and GEMV layouts."""
 
     name = "awq"
-    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         if is_gptqmodel_layer(module):
@@ -50,12 +49,6 @@ class AwqBackend:
             return True
         return (all(isinstance(getattr(module, b, None), Tensor) for b in ("qweight", "qzeros", "scales"))
                 and getattr(module, "g_idx", None) is None and hasattr(module, "in_features"))
-
-    def features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
-
-    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
-        return None                                      # the base computes in the input's dtype; so do adapters
 
     def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         bits = _bits(module)

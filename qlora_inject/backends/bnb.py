@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from qlora_inject.kernels import dequant_cpu
 from qlora_inject.kernels.dequant_4bit import dequantize_4bit, dequantize_blockwise_8bit
-from qlora_inject.registry import class_is
+from qlora_inject.registry import BackendBase, class_is
 
 
 def _import_bnb():
@@ -29,7 +29,7 @@ def _import_bnb():
     return bitsandbytes
 
 
-class Bnb4bitBackend:
+class Bnb4bitBackend(BackendBase):
     """`bnb.nn.Linear4bit`: packed 4-bit codes in `weight`, scales in `weight.quant_state`.
 
     Under FSDP the weight parameter is replaced by a plain tensor or a DTensor that has lost
@@ -38,7 +38,6 @@ class Bnb4bitBackend:
     """
 
     name = "bnb-4bit"
-    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
@@ -46,8 +45,13 @@ class Bnb4bitBackend:
             hasattr(weight, "quant_state") and hasattr(weight, "quant_type")
         )                                                                    # FSDP2 subclasses it: found by MRO
 
+    def check(self, module: nn.Module) -> None:
+        _refuse_repacked(module)
+
+    def adopt(self, module: nn.Module) -> None:
+        _opt_out_of_repack(module)
+
     def features(self, module: nn.Module) -> tuple[int, int]:
-        _keep_canonical_layout(module)                                       # checked while planning
         if hasattr(module, "in_features"):
             return module.in_features, module.out_features
         out_features, in_features = _quant_state(module).shape
@@ -60,7 +64,7 @@ class Bnb4bitBackend:
         return state.dtype if state is not None else None
 
     def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
-        _keep_canonical_layout(module)
+        _refuse_repacked(module)
         state = _quant_state(module)
         library = None
         if _library_kernel_is_exact(module.weight.data, state):            # a candidate the CPU dispatch measures
@@ -75,7 +79,8 @@ class Bnb4bitBackend:
         )                                                                    # (out, in)
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
-        _keep_canonical_layout(module)
+        _opt_out_of_repack(module)
+        _refuse_repacked(module)
         return module(x)
 
     def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
@@ -97,7 +102,7 @@ class Bnb4bitBackend:
         return new
 
 
-class Bnb8bitBackend:
+class Bnb8bitBackend(BackendBase):
     """`bnb.nn.Linear8bitLt` (LLM.int8): int8 rows `CB` and row scales `SCB`, W ≈ CB·SCB/127.
 
     Outside training, and on GPUs, bitsandbytes' forward is LLM.int8: it rounds the activations to
@@ -108,19 +113,12 @@ class Bnb8bitBackend:
     """
 
     name = "bnb-8bit"
-    fused = True                             # forward: its own or x·Wᵀ (see forward_is_exact); backward re-dequantizes
 
     def matches(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
         return class_is(module, "Linear8bitLt", "bitsandbytes") or (
             hasattr(weight, "SCB") and hasattr(weight, "CB") and hasattr(module, "state")
         )
-
-    def features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
-
-    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
-        return None                                                          # follows the input
 
     def forward_is_exact(self, module: nn.Module, device: torch.device) -> bool:
         """True where bitsandbytes itself computes x·dequantize(W)ᵀ: unquantized (fp16) weights, or a
@@ -183,17 +181,20 @@ def _library_kernel_is_exact(packed: Tensor, state) -> bool:
             and importlib.util.find_spec("bitsandbytes") is not None)
 
 
-def _keep_canonical_layout(module: nn.Module) -> None:
-    """Keep a 4-bit layer in bitsandbytes' portable layout while it is a LoRA base.
+def _opt_out_of_repack(module: nn.Module) -> None:
+    """Keep a 4-bit layer in bitsandbytes' portable layout while it is a LoRA base (and after `unload`).
 
     On CPUs with AVX512-BF16, bitsandbytes (0.49, 0.50) repacks a `Linear4bit` in place the first
     time it runs in eval mode on an input that needs no gradient: a CPU-only tile layout, absmax
     rounded to bf16 and transposed. That would change the frozen base's bits (and bitsandbytes'
-    own inverse does not restore absmax's order), so wrapped layers opt out of the repack, and a
-    layer repacked before it was wrapped is refused.
+    own inverse does not restore absmax's order), so wrapped layers opt out of the repack.
     """
     if getattr(module, "support_avx512bf16_for_cpu", False):
         module.support_avx512bf16_for_cpu = False
+
+
+def _refuse_repacked(module: nn.Module) -> None:
+    """A layer repacked for CPU inference before it was wrapped cannot train: refuse it, naming the fix."""
     state = _find_quant_state(module)
     if state is not None and getattr(state, "packing_format_for_cpu", False):
         raise ValueError(

@@ -7,7 +7,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from qlora_inject.registry import class_is
+from qlora_inject.registry import BackendBase, class_is
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -15,11 +15,10 @@ def is_conv1d(module: nn.Module) -> bool:
     return class_is(module, "Conv1D", "transformers")
 
 
-class DenseBackend:
+class DenseBackend(BackendBase):
     """`nn.Linear` and `Conv1D`: the weight is the dense weight."""
 
     name = "dense"
-    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         # A Linear whose weight is a Parameter subclass (Params4bit, Int8Params, …) is quantized.
@@ -38,16 +37,8 @@ class DenseBackend:
         weight = module.weight.detach()                                     # the weight itself: `out` is not needed
         return weight.t() if is_conv1d(module) else weight                  # (out, in)
 
-    def forward(self, module: nn.Module, x: Tensor) -> Tensor:
-        return module(x)
-
     def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
-        in_features, out_features = self.features(module)
-        if tuple(weight.shape) != (out_features, in_features):
-            raise ValueError(
-                f"weight of shape {tuple(weight.shape)} does not fit a {in_features}->{out_features} layer, "
-                f"which needs ({out_features}, {in_features})"
-            )
+        self.check_weight_shape(module, weight)
         new = copy.deepcopy(module)
         with torch.no_grad():
             new.weight.copy_(weight.t() if is_conv1d(module) else weight)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from qlora_inject.kernels.dequant_gptq import dequantize_gptq
 from qlora_inject.kernels.dequant_matmul import dequantized_linear
-from qlora_inject.registry import class_is
+from qlora_inject.registry import BackendBase, class_is
 
 GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -49,22 +49,15 @@ def run_or_fall_back(module: nn.Module, x: Tensor, backend) -> Tensor:
     return dequantized_linear(x, lambda: backend.dequantize(module), getattr(module, "bias", None))
 
 
-class GptqBackend:
+class GptqBackend(BackendBase):
     """GPTQ at 2, 3, 4 and 8 bits, any group size, act-order `g_idx`, v1 or v2 zero points."""
 
     name = "gptq"
-    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         if is_gptqmodel_layer(module):
             return "gptq" in methods_of(module) and all(hasattr(module, b) for b in GPTQ_BUFFERS)
         return all(isinstance(getattr(module, b, None), Tensor) for b in GPTQ_BUFFERS)
-
-    def features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
-
-    def compute_dtype(self, module: nn.Module) -> torch.dtype | None:
-        return None                                      # the base computes in the input's dtype; so do adapters
 
     def zero_offset(self, module: nn.Module) -> int:
         """1 when the module stores `zero − 1` (v1), 0 for true zeros (v2)."""

@@ -11,14 +11,13 @@ import torch
 from torch import Tensor, nn
 
 from qlora_inject.kernels.dequant_hqq import dequantize_hqq
-from qlora_inject.registry import class_is
+from qlora_inject.registry import BackendBase, class_is
 
 
-class HqqBackend:
+class HqqBackend(BackendBase):
     """`HQQLinear`, 1–8 bits, either axis, quantized or offloaded meta data."""
 
     name = "hqq"
-    fused = True                              # x·dequantize(W)ᵀ + b is its forward: train through the fused op
 
     def matches(self, module: nn.Module) -> bool:
         return class_is(module, "HQQLinear", "hqq") or (
@@ -41,20 +40,12 @@ class HqqBackend:
     def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         return dequantize_hqq(module.W_q, module.meta, out=out)                    # (out, in), compute dtype
 
-    def forward(self, module: nn.Module, x: Tensor) -> Tensor:
-        return module(x)
-
     def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
         try:
             from hqq.core.quantize import HQQLinear
         except ImportError as err:
             raise ImportError("requantizing an HQQ layer needs hqq: pip install 'qlora-inject[hqq]'") from err
-        in_features, out_features = self.features(module)
-        if tuple(weight.shape) != (out_features, in_features):
-            raise ValueError(
-                f"weight of shape {tuple(weight.shape)} does not fit a {in_features}->{out_features} HQQ layer, "
-                f"which needs ({out_features}, {in_features})"
-            )
+        self.check_weight_shape(module, weight)
         config = dict(module.quant_config, offload_meta=bool(module.offload_meta))
         device = module.W_q.device
         return HQQLinear.from_weights(

@@ -195,7 +195,7 @@ def test_8bit_training_forward_on_cpu_is_bitsandbytes_own_bit_for_bit(threshold,
     # bitsandbytes trains int8 layers on CPU as x·(CB·(SCB·(1/127)))ᵀ + b; the fused op computes that
     # itself (our dequantization, same rounding), and keeps LLM.int8's own forward in eval mode.
     from qlora_inject import LoraConfig, inject
-    from qlora_inject.registry import forward_is_exact
+    from qlora_inject.registry import base_forward_is_exact
 
     reference = make_bnb8(threshold).train()
     x = torch.randn(6, reference.in_features, dtype=dtype)
@@ -203,7 +203,7 @@ def test_8bit_training_forward_on_cpu_is_bitsandbytes_own_bit_for_bit(threshold,
     holder = torch.nn.Sequential(make_bnb8(threshold))
     inject(holder, LoraConfig(r=4, target_modules=["0"]))
     layer = holder[0].train()
-    assert forward_is_exact(layer.backend, layer.base_layer, x.device)
+    assert base_forward_is_exact(layer.backend, layer.base_layer, x.device)
     dense = layer.backend.dequantize(layer.base_layer).to(dtype)
     assert torch.equal(dense, reference.state.CB.to(dtype).mul_(reference.state.SCB.unsqueeze(1).mul(1.0 / 127.0)))
     got = layer(x)                                                          # lora_B is zero: the base alone
@@ -211,7 +211,7 @@ def test_8bit_training_forward_on_cpu_is_bitsandbytes_own_bit_for_bit(threshold,
     x.requires_grad_(True)
     assert torch.equal(layer(x), expected)                                  # the fused op
     layer.eval()
-    assert not forward_is_exact(layer.backend, layer.base_layer, x.device)
+    assert not base_forward_is_exact(layer.backend, layer.base_layer, x.device)
     with torch.no_grad():
         inference = layer(x)
     assert torch.equal(inference, reference.eval()(x))                     # LLM.int8, activations rounded
