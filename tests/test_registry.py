@@ -185,7 +185,8 @@ def test_backend_base_gives_the_documented_defaults():
     assert torch.equal(backend.forward(layer, x), layer(x))
     with pytest.raises(NotImplementedError, match=r"'minimal' backend cannot requantize.*dequantize=True"):
         backend.requantize(layer, torch.zeros(4, 8))
-    with pytest.raises(ValueError, match=r"weight of shape \(3, 8\) does not fit a 8->4 layer, which needs \(4, 8\) \(minimal backend\)"):
+    fit = r"weight of shape \(3, 8\) does not fit a 8->4 layer, which needs \(4, 8\) \(minimal backend\)"
+    with pytest.raises(ValueError, match=fit):
         backend.check_weight_shape(layer, torch.zeros(3, 8))
     Minimal.fused = False                                   # an explicit flag wins over the signature
     assert not trains_fused(Minimal())
