@@ -94,7 +94,12 @@ def _probe_disagrees(original: nn.Module, fused: nn.Module, width: int, dtype: t
     """Why `fused` is not a stand-in for `original` on two random rows, or None when it is."""
     probe = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     modes = {module: module.training for module in original.modules()}
+    # bitsandbytes repacks a bare 4-bit layer in place on its first eval-mode forward on AVX512-BF16 CPUs
+    # (other bits, and a backward autograd does not know): the probe must leave every layer as it was.
+    repacking = [m for m in original.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
     original.eval()                                                       # no dropout: both see the same layers
+    for module in repacking:
+        module.support_avx512bf16_for_cpu = False
     try:
         with torch.no_grad():
             expected, got = original(probe), fused(probe)
@@ -103,6 +108,8 @@ def _probe_disagrees(original: nn.Module, fused: nn.Module, width: int, dtype: t
     finally:
         for module, training in modes.items():
             module.training = training
+        for module in repacking:
+            module.support_avx512bf16_for_cpu = True
     if not isinstance(expected, Tensor) or expected.shape != got.shape:
         return "its forward returns something else than one tensor of the probe's shape"
     scale = expected.float().abs().max().clamp_min(1e-6)

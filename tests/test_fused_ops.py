@@ -165,6 +165,24 @@ class GeluMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+@requires("bitsandbytes")
+@requires("transformers")
+def test_the_fusion_probe_leaves_bare_4bit_layers_as_they_were():
+    """bitsandbytes repacks a bare 4-bit layer on its first eval-mode forward on AVX512-BF16 CPUs; the probe
+    that decides each swap runs the model's own MLP in eval mode, so it must not let that happen."""
+    model = load_tiny_llama("nf4")                                        # not wrapped by LoRA: bare layers
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True                           # as bitsandbytes sets it on such CPUs
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = qi.fuse_llama_ops(model)
+    assert report.mlps                                                     # the probe ran on the 4-bit MLPs
+    assert all(layer.support_avx512bf16_for_cpu for layer in layers)       # the model's own setting is kept
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k in after)
+
+
 def test_unfusing_keeps_a_norm_weight_replaced_after_the_swap():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
