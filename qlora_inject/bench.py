@@ -2,8 +2,9 @@
 
 Question: what does one LoRA-wrapped quantized linear cost to train, per format, against PEFT over
 the very same quantized module and against a frozen dense layer of the same shape? Forward +
-backward (the input gradient included, as inside a model), medians of several runs, ratios from
-one run, and the bytes autograd saves for backward.
+backward (the input gradient included, as inside a model), medians of several runs, the three
+steps of a row run in turn (so each row's ratios come from the same moments of the machine), and
+the bytes autograd saves for backward.
 """
 
 from __future__ import annotations
@@ -79,22 +80,33 @@ def machine() -> str:
 def median_seconds(step: Callable[[], None], repeat: int = 7, warmup: int = 2) -> float:
     """Median time of `step` over `repeat` runs after `warmup` runs: CUDA events when a GPU is present
     (the GPU's own clock, no host overhead counted twice), wall time otherwise."""
+    return interleaved_medians({"step": step}, repeat, warmup)["step"]
+
+
+def interleaved_medians(steps: dict[str, Callable[[], None]], repeat: int = 7, warmup: int = 2) -> dict[str, float]:
+    """Median time of each step, the steps run in turn (a, b, c, a, b, c, …) so that every one sees the
+    same machine: on a shared CPU, times measured one after the other drift by 10 % and more."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeat):
-        if torch.cuda.is_available():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            began = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - began)
-    return statistics.median(times)
+        for name, step in steps.items():
+            times[name].append(_seconds(step))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _seconds(step: Callable[[], None]) -> float:
+    if torch.cuda.is_available():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    began = time.perf_counter()
+    step()
+    return time.perf_counter() - began
 
 
 def saved_for_backward_bytes(forward: Callable[[], torch.Tensor]) -> int:
@@ -164,27 +176,30 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
             layer.support_avx512bf16_for_cpu = False
         return layer
 
-    dense_s = median_seconds(step_of(dense), workload.repeat)
     results = []
     for fmt in (f for f in workload.formats if _available(f)):
         config = dict(r=workload.r, lora_alpha=2 * workload.r, target_modules=["proj"], init_lora_weights=False,
                       use_dora=workload.dora, lora_dropout=workload.dropout)
         ours = SingleLayerModel(build(fmt))
         inject(ours, LoraConfig(**config))
-        ours_s = median_seconds(step_of(ours), workload.repeat)
-        ours_saved = saved_for_backward_bytes(lambda m=ours: m(x))
-        peft_s = peft_saved = None
+        steps = {"ours": step_of(ours), "dense": step_of(dense)}
+        peft_saved = None
         try:
             import peft
 
             theirs = SingleLayerModel(build(fmt))
             peft.LoraModel(theirs, peft.LoraConfig(**config), "default")
-            peft_s = median_seconds(step_of(theirs), workload.repeat)
+            steps["peft"] = step_of(theirs)
+            steps["peft"]()                                                 # does PEFT run it?
             peft_saved = saved_for_backward_bytes(lambda m=theirs: m(x))
         except Exception as err:                   # PEFT refuses this format here, or fails running it
+            steps.pop("peft", None)
             print(f"PEFT on {fmt}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                   file=sys.stderr)
-        results.append(LayerResult(fmt, ours_s, peft_s, dense_s, ours_saved, peft_saved))
+        seconds = interleaved_medians(steps, workload.repeat)               # ours, dense, PEFT in turn
+        ours_saved = saved_for_backward_bytes(lambda m=ours: m(x))
+        results.append(LayerResult(fmt, seconds["ours"], seconds.get("peft"), seconds["dense"], ours_saved,
+                                   peft_saved))
     return results
 
 
