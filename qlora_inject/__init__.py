@@ -21,7 +21,7 @@ from qlora_inject.inject import (
     set_active_adapters,
 )
 from qlora_inject.lora import AdapterSpec, LoraLinear
-from qlora_inject.loss import causal_lm_loss, linear_cross_entropy
+from qlora_inject.loss import causal_lm_loss, linear_cross_entropy, why_not_chunked
 from qlora_inject.merge_report import MergeGain, measure_merge
 from qlora_inject.model import LoraModel
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
@@ -66,6 +66,7 @@ __all__ = [
     "get_backend",
     "inject",
     "linear_cross_entropy",
+    "why_not_chunked",
     "load_quantized",
     "measure_merge",
     "model_directory",

@@ -186,14 +186,17 @@ class LoraLinear(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         self.attach_adapter(adapter_name, spec, self.build_adapter(spec))
 
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The trainable tensors of one adapter on this layer (A, B, and DoRA's magnitude)."""
+        return [table[adapter_name].weight for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector)
+                if adapter_name in table]
+
     def set_adapter(self, adapter_names: list[str]) -> None:
         """Make `adapter_names` the active adapters; only their parameters train."""
         self.active_adapters = list(adapter_names)
         for name in self.lora_A:
-            trainable = name in self.active_adapters
-            for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
-                if name in table:
-                    table[name].weight.requires_grad_(trainable)
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(name in self.active_adapters)
 
     # --- forward --------------------------------------------------------------------------------
 

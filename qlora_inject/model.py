@@ -283,9 +283,15 @@ def _fill_loaded(model: nn.Module, tensors: dict, adapter_name: str, flags: dict
         for name, param in model.named_parameters():
             param.requires_grad_(flags.get(name, param.requires_grad))
         raise
-    if not is_trainable:
-        for name, param in model.named_parameters():
-            if f".{adapter_name}." in name:
+    if not is_trainable:                       # this adapter's own tensors, never others' whose path shares its name
+        for module in model.modules():
+            if isinstance(module, LoraLinear):
+                params = module.adapter_parameters(adapter_name)
+            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+                params = list(module.modules_to_save[adapter_name].parameters())
+            else:
+                continue
+            for param in params:
                 param.requires_grad_(False)
 
 

@@ -29,3 +29,16 @@ def test_kernels_live_under_qlora_inject_only():
         "str(importlib.util.find_spec('kernels').origin))"
     )
     assert out == "qlora_inject.kernels.dequant_4bit True"
+
+
+def test_every_name_readme_uses_with_qi_is_exported():
+    import re
+    from pathlib import Path
+
+    import qlora_inject as qi
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    used = set(re.findall(r"\bqi\.([A-Za-z_]\w*)", readme))
+    missing = sorted(name for name in used if name not in qi.__all__ and name != "distributed")
+    assert used and not missing, f"README uses qi.{missing} which qlora_inject.__all__ does not export"
+    assert all(hasattr(qi, name) for name in qi.__all__)
