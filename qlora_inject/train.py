@@ -145,6 +145,7 @@ def quiet_transformers() -> None:
 
 def build_default_model(directory: Path, seed: int = 0, hidden: int = 256, layers: int = 4) -> Path:
     """Save the built-in model: Llama architecture, random weights, 256-token byte vocabulary."""
+    from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
     quiet_transformers()
@@ -152,7 +153,10 @@ def build_default_model(directory: Path, seed: int = 0, hidden: int = 256, layer
     config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
                          tie_word_embeddings=False)
-    LlamaForCausalLM(config).save_pretrained(directory)
+    model = LlamaForCausalLM(config)
+    directory.mkdir(parents=True, exist_ok=True)                 # not save_pretrained: in a process group it
+    model.config.to_json_file(directory / "config.json")          # writes from rank 0 only, and every rank
+    save_file(model.state_dict(), directory / "model.safetensors", metadata={"format": "pt"})   # builds its own
     return directory
 
 

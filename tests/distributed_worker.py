@@ -134,6 +134,27 @@ def run(scenario: str, rank: int, out: Path, directory: str, calls: list, saves:
     return result
 
 
+def run_trainer(rank: int, out: Path, directory: str, saves: list) -> dict:
+    """transformers' Trainer under DDP (accelerate finds the group) with SaveAdapterCallback, saving at step 2."""
+    from safetensors.torch import save_file
+    from transformers import Trainer, TrainingArguments
+
+    from qlora_inject.integrations import SaveAdapterCallback
+
+    model = lora_model("nf4", directory)
+    rows = [{"input_ids": row, "labels": row} for row in batch().tolist()]
+    arguments = TrainingArguments(output_dir=str(out / "trainer"), max_steps=2, per_device_train_batch_size=1,
+                                  learning_rate=LR, optim="sgd", save_strategy="steps", save_steps=2, report_to=[],
+                                  use_cpu=True, remove_unused_columns=False, save_only_model=True)
+    trainer = Trainer(model=model, args=arguments, train_dataset=rows, callbacks=[SaveAdapterCallback()],
+                      data_collator=lambda rows: {k: torch.tensor([r[k] for r in rows]) for k in rows[0]})
+    saves.clear()
+    trainer.train()
+    lora = {k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
+    save_file(lora, out / f"trainer-rank{rank}.safetensors")
+    return {"saves": len(saves), "parallel_mode": str(arguments.parallel_mode), "world_size": arguments.world_size}
+
+
 def cli(out: Path, argv: list[str]) -> None:
     """`qlora-inject ARGV --output OUT/<engine>/run` as one rank under torchrun, for DDP then FSDP2 (`--fsdp`)
     in the same processes, recording each folder it writes (checkpoint, adapter) in
@@ -155,8 +176,20 @@ def cli(out: Path, argv: list[str]) -> None:
         adapter_io.write_files = counted
         if os.environ["RANK"] == "0":
             print(f"=== {engine}", flush=True)                              # the test splits the log here
+        if engine == "fsdp":                                                # a group made before (as accelerate
+            _join_fresh_group()                                             # does), which train keeps
         if qlora_inject([*argv, *flags, "--output", str(out / engine / "run")]) != 0:
             sys.exit(1)
+    dist.destroy_process_group()
+
+
+def _join_fresh_group() -> None:
+    """The launcher's group again, under fresh store keys (the first run's group, destroyed, left its own)."""
+    import os
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    dist.init_process_group("gloo", store=dist.PrefixStore("second-run", store), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def main() -> None:
@@ -173,17 +206,22 @@ def main() -> None:
     lora.fused_lora_linear = lambda *a, **k: calls.append(1) or fused(*a, **k)
     adapter_io.save_adapter = lambda *a, **k: saves.append(1) or save(*a, **k)
 
-    for quant in sorted({s.split("-")[1] for s in scenarios}):              # one process, the whole batch
+    for quant in sorted({s.split("-")[1] for s in scenarios if not s.startswith("trainer")}):   # one process
         model = lora_model(quant, directory)
         train(model, model, batch())
         if rank == 0:
             model.save_pretrained(out / f"single-{quant}-adapter")
 
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))                                 # as a launcher sets them (Trainer)
     dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     results = {}
     for scenario in scenarios:
         try:
-            results[scenario] = run(scenario, rank, out, directory, calls, saves)
+            results[scenario] = (run_trainer(rank, out, directory, saves) if scenario == "trainer-nf4"
+                                 else run(scenario, rank, out, directory, calls, saves))
         except Exception:                                                   # noqa: BLE001 - reported to the test
             results[scenario] = {"error": traceback.format_exc()}
         dist.barrier()

@@ -23,7 +23,7 @@ pytestmark = [requires("bitsandbytes"), requires("hqq"),
               pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed (gloo)")]
 
 TRAINED = ["ddp-nf4", "fsdp2-nf4", "fsdp1-nf4", "fsdp2-hqq"]         # GPTQ/AWQ: buffers, replicated as HQQ
-SCENARIOS = [*TRAINED, "fsdp2lora-nf4"]
+SCENARIOS = [*TRAINED, "fsdp2lora-nf4", "trainer-nf4"]
 WORLD = 2
 
 
@@ -108,6 +108,22 @@ def test_lora_linears_sharded_as_their_own_units_are_refused_naming_the_fix(runs
         assert "is a sharded DTensor" in result["error"]                       # by the layer, sharded by hand
         assert "qlora_inject.shard(model)" in result["error"]
 
+
+
+def test_trainer_under_ddp_saves_the_adapter_from_rank_0_once(runs):
+    out, results = runs
+    for rank, result in enumerate(results):
+        result = result["trainer-nf4"]
+        assert "error" not in result, result["error"]
+        assert result["parallel_mode"] == "ParallelMode.DISTRIBUTED" and result["world_size"] == WORLD
+        assert result["saves"] == (1 if rank == 0 else 0)                     # SaveAdapterCallback on every rank
+    ranks = [_tensors(out / f"trainer-rank{r}.safetensors") for r in range(WORLD)]
+    saved = _tensors(out / "trainer" / "checkpoint-2" / "adapter_model.safetensors")
+    assert len(saved) == len(ranks[0]) == 2 * 3 * 2
+    for key, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][key]), key                        # DDP kept the ranks together
+        peft_key = "base_model." + key.replace(".default.weight", ".weight")
+        assert torch.equal(saved[peft_key], value), key
 
 
 def test_base_frozen_is_read_from_the_parameters_injection_froze():
