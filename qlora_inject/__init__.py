@@ -3,8 +3,9 @@
     from qlora_inject import LoraConfig, LoraModel
     model = LoraModel(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"), "default")
 
-Layers of every registered format (bitsandbytes 4-bit and 8-bit, plain `nn.Linear`/`Conv1D`) are
-wrapped with `LoraLinear`, which keeps the original module as a frozen `base_layer`.
+Layers of every registered format (bitsandbytes 4-bit and 8-bit, GPTQ, AWQ, HQQ, plain
+`nn.Linear`/`Conv1D`, and formats users register) are wrapped with `LoraLinear`, which keeps the
+original module as a frozen `base_layer`.
 """
 
 from qlora_inject.adapter_io import read_adapter, save_adapter

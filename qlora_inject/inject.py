@@ -14,13 +14,13 @@ from torch import nn
 
 from qlora_inject.backends.dense import is_conv1d
 from qlora_inject.config import LoraConfig
-from qlora_inject.lora import AdapterSpec, LoraLinear
+from qlora_inject.lora import BASE_ADAPTER, AdapterSpec, LoraLinear
 from qlora_inject.modules_to_save import ModulesToSaveWrapper, check_trainable_in_full
 from qlora_inject.registry import check_wrappable, require_backend
 from qlora_inject.selfcheck import layer_key, verify_layout
 from qlora_inject.targeting import iter_modules, name_matches, replace_module, select
 
-RESERVED_ADAPTER_NAMES = ("__base__",)
+RESERVED_ADAPTER_NAMES = (BASE_ADAPTER,)                                   # means "no adapter" in a mixed batch
 
 
 @dataclass(frozen=True)

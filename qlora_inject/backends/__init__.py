@@ -7,11 +7,7 @@ from qlora_inject.backends.gptq import GptqBackend
 from qlora_inject.backends.hqq import HqqBackend
 from qlora_inject.registry import register_backend
 
-DENSE = register_backend(DenseBackend())
-BNB_8BIT = register_backend(Bnb8bitBackend())
-BNB_4BIT = register_backend(Bnb4bitBackend())
-HQQ = register_backend(HqqBackend())
-AWQ = register_backend(AwqBackend())
-GPTQ = register_backend(GptqBackend())
+for _backend in (DenseBackend(), Bnb8bitBackend(), Bnb4bitBackend(), HqqBackend(), AwqBackend(), GptqBackend()):
+    register_backend(_backend)                   # each goes in front of dense: the quantized formats first
 
 __all__ = ["AwqBackend", "Bnb4bitBackend", "Bnb8bitBackend", "DenseBackend", "GptqBackend", "HqqBackend"]

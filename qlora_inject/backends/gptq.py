@@ -25,9 +25,10 @@ def is_gptqmodel_layer(module: nn.Module) -> bool:
     return class_is(module, "BaseQuantLinear", "gptqmodel")
 
 
-def methods_of(module: nn.Module) -> str:
-    """GPTQModel's quantization methods for this class, lower-cased (e.g. "[method.gptq]")."""
-    return str(getattr(type(module), "SUPPORTS_METHODS", "")).lower()
+def methods_of(module: nn.Module) -> frozenset[str]:
+    """GPTQModel's quantization methods for this class, lower-cased names (e.g. {"gptq"})."""
+    methods = getattr(type(module), "SUPPORTS_METHODS", ()) or ()
+    return frozenset(str(getattr(m, "value", m)).lower() for m in methods)
 
 
 def can_train(module: nn.Module) -> bool:
