@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, in one go (under 8 minutes on one H100): the CUDA tests, the kernel sweep at
-# Llama-3.1-8B shapes, the fused RMSNorm/SwiGLU against transformers' modules, and the 8B-shaped NF4
-# training step against PEFT + bitsandbytes.
+# Llama-3.1-8B shapes, the fused RMSNorm/SwiGLU against transformers' modules, the 8B-shaped NF4
+# training step against PEFT + bitsandbytes, and with 2+ GPUs the distributed tests, benchmark and
+# `qlora-inject train` under torchrun (nccl).
 #
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]          # default: benchmarks/results/gpu
 #   bash benchmarks/gpu_check.sh --smoke RESULTS_DIR    # the same steps on the CPU at tiny shapes
@@ -57,5 +58,20 @@ step cuda_tests $python -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 
 step kernels $python benchmarks/bench_kernels.py "${kernel_args[@]}" --output "$results"
 step fused_ops $python benchmarks/bench_fused_ops.py "${fused_args[@]}" --output "$results"
 step model_step $python benchmarks/bench_model_step.py "${step_args[@]}" --output "$results"
+# Two GPUs or more: the distributed tests (torchrun's `qlora-inject train` then joins with nccl, a rank per
+# GPU), the distributed benchmark with nccl, and `qlora-inject train` under torchrun, DDP then FSDP2.
+gpus=$($python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$smoke" -eq 0 ] && [ "$gpus" -ge 2 ]; then
+    step distributed_tests $python -m pytest -q -p no:cacheprovider -rs tests/test_distributed.py
+    step distributed_bench $python benchmarks/bench_distributed.py --hidden 2048 --layers 8 --batch 8 --seq 512 \
+        --steps 5 --output "$results"
+    for engine in ddp fsdp; do
+        flag=(); [ "$engine" = fsdp ] && flag=(--fsdp)
+        step "train_$engine" $python -m torch.distributed.run --nproc_per_node 2 -m qlora_inject.cli train \
+            --model tiny --steps 20 --no-progress "${flag[@]}" --output "$results/train_$engine"
+    done
+else
+    echo "== distributed: skipped (${gpus} CUDA devices here; it needs 2)"
+fi
 echo "results in $results"
 exit $status

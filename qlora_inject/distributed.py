@@ -237,7 +237,12 @@ def join_launched_group() -> bool:
 def use_local_gpu() -> None:
     """Make the GPU the launcher's LOCAL_RANK names this process's current device (no-op without CUDA)."""
     if torch.cuda.is_available():
-        torch.cuda.set_device(_environment_number("LOCAL_RANK", 0))
+        local, count = _environment_number("LOCAL_RANK", 0), torch.cuda.device_count()
+        if local >= count:
+            raise RuntimeError(f"LOCAL_RANK {local} names no GPU: this machine has {count}; launch at most "
+                               f"{count} processes per node (--nproc_per_node {count}), or hide the GPUs "
+                               "(CUDA_VISIBLE_DEVICES=) to train on the CPU with gloo")
+        torch.cuda.set_device(local)
 
 
 def all_reduce_sum(value: float) -> float:
