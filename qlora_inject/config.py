@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from qlora_inject.atomic_files import atomic_write_bytes
 from qlora_inject.init_schemes import is_scheme
 
 CONFIG_NAME = "adapter_config.json"
@@ -180,8 +181,6 @@ class LoraConfig:
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write `adapter_config.json` into `directory` atomically; return its path."""
-        from qlora_inject.adapter_io import atomic_write_bytes
-
         path = Path(directory) / CONFIG_NAME
         atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
         return path
