@@ -3,8 +3,10 @@
 The same kernel is not the fastest on every CPU (the issue that asked for this saw the NF4 numba
 kernel take 34 ms on an Intel Xeon against 8.6–9 ms on an AMD EPYC), so nothing here is tuned to one
 machine. The first time a dispatcher dequantizes a weight of a given shape class — (format, dtype,
-output buffer's dtype, size to the nearest power of two, torch's thread count) — it runs every
-candidate path on that very weight, interleaved, and keeps the fastest for the rest of the process.
+output buffer's dtype, size to the nearest power of two, torch's thread count) — it runs the first
+candidate (the numba kernel where it applies); the second time, every candidate path on that very
+weight, interleaved, keeping the fastest for the rest of the process. (A class used only once, as
+by the injection-time self-check or a merge, is never worth a measurement that runs the slow twin.)
 Every candidate computes the same bits (the numba kernels at each thread count, the pure-torch twin,
 and the owning library's own dequantization where it is bit-identical), so the choice changes the
 speed and never the result.
@@ -28,6 +30,7 @@ MODES = ("auto", "numba", "torch")
 ENV = "QLORA_INJECT_KERNEL"
 
 _choices: dict[tuple, str] = {}
+_seen: set[tuple] = set()                                               # classes used once, not yet measured
 _timings: dict[tuple, dict[str, float]] = {}
 _lock = threading.Lock()
 
@@ -47,7 +50,8 @@ def shape_class(fmt: str, dtype: torch.dtype, numel: int, out: torch.Tensor | No
 
 
 def choose(key: tuple, candidates: dict[str, Callable[[], T]]) -> T:
-    """Run the kept (or forced) candidate for `key`, measuring them all first if none is kept yet.
+    """Run the kept (or forced) candidate for `key`; at the class's first use the first candidate, at
+    its second every candidate, measured, keeping the fastest.
 
     Args:
         key: The shape class (`shape_class`).
@@ -68,6 +72,9 @@ def choose(key: tuple, candidates: dict[str, Callable[[], T]]) -> T:
     if name is None or name not in candidates:
         with _lock:                                                      # one measurement per class at a time
             name = _choices.get(key)
+            if (name is None or name not in candidates) and key not in _seen:
+                _seen.add(key)                                           # a class used once (an injection-time
+                return next(iter(candidates.values()))()                 # check, a merge) is not worth measuring
             if name is None or name not in candidates:
                 name = _measure(key, candidates)
     return candidates[name]()
@@ -106,3 +113,4 @@ def reset() -> None:
     """Forget every choice (the next dequantization of each class measures again)."""
     _choices.clear()
     _timings.clear()
+    _seen.clear()
