@@ -8,6 +8,7 @@ Layers of every registered format (bitsandbytes 4-bit and 8-bit, GPTQ, AWQ, HQQ,
 original module as a frozen `base_layer`.
 """
 
+from qlora_inject import backends  # noqa: F401  (registers the built-in backends, dense last)
 from qlora_inject.adapter_io import read_adapter, save_adapter
 from qlora_inject.config import LoraConfig
 from qlora_inject.distributed import fsdp_wrap_policy, shard

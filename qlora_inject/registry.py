@@ -4,6 +4,8 @@ A backend holds format facts only (how to recognise a module, read its shape, de
 run its base forward, requantize a dense weight into it). Everything about adapters lives in
 `lora.py`. The first backend whose `matches` is true handles a module; the dense backend is
 registered last, so quantized subclasses of `nn.Linear` (bitsandbytes' layers) are caught first.
+The built-ins are registered by `qlora_inject.backends`, which the package imports; this module
+imports none of them (no import cycle).
 """
 
 from __future__ import annotations
@@ -137,7 +139,6 @@ def register_backend(backend: Backend, *, before: str | None = None) -> Backend:
     Returns:
         The backend, so this can be used as a decorator on an instance factory.
     """
-    _ensure_builtins()
     missing = [m for m in ("matches", "features", "compute_dtype", "dequantize", "forward", "requantize")
                if not callable(getattr(backend, m, None))]
     if missing or not isinstance(getattr(backend, "name", None), str):
@@ -166,13 +167,11 @@ def unregister_backend(name: str) -> Backend:
 
 def backend_names() -> list[str]:
     """Names of the registered backends, in dispatch order."""
-    _ensure_builtins()
     return [b.name for b in _BACKENDS]
 
 
 def get_backend(name: str) -> Backend:
     """The registered backend called `name`."""
-    _ensure_builtins()
     for backend in _BACKENDS:
         if backend.name == name:
             return backend
@@ -181,7 +180,6 @@ def get_backend(name: str) -> Backend:
 
 def find_backend(module: nn.Module) -> Backend | None:
     """The first registered backend that handles `module`, or None."""
-    _ensure_builtins()
     for backend in _BACKENDS:
         if backend.matches(module):
             return backend
@@ -247,13 +245,3 @@ def class_is(module: nn.Module, class_name: str, module_prefix: str) -> bool:
     return any(
         c.__name__ == class_name and c.__module__.startswith(module_prefix) for c in type(module).__mro__
     )
-
-
-_builtins_loaded = False
-
-
-def _ensure_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        from qlora_inject import backends  # noqa: F401  (registers the built-in backends)
