@@ -122,9 +122,12 @@ def blockwise_4bit(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, n
                    out: Tensor | None = None) -> Tensor:
     """NF4/FP4 codes (raw bytes) → flat weight of `numel` elements, the twin's values in `dtype`
     (in fp32 when `out` is an fp32 scratch, see `_target`)."""
+    if code.numel() < 16:
+        raise ValueError(f"a 4-bit code table has 16 values, this one {code.numel()}; pass the layer's "
+                         "quant_state.code (NF4 or FP4)")
     result, array, mode = _target(numel, dtype, out)
-    _kernel("blockwise_4bit")(data.numpy(), absmax.float().contiguous().numpy(), _byte_pairs(code).numpy(),
-                              blocksize, numel, mode, array)
+    _kernel("blockwise_4bit")(data.numpy(), absmax.float().contiguous().numpy(),
+                              code.float().cpu()[:16].contiguous().numpy(), blocksize, numel, mode, array)
     return result
 
 
@@ -171,24 +174,6 @@ def hqq_4bit(packed: Tensor, zero: Tensor, scale: Tensor, rows: int, out: Tensor
     _kernel("hqq_4bit")(packed.contiguous().numpy(), _as_2d(zero).numpy(), _as_2d(scale).numpy(), rows, mode,
                         array)
     return result.view(rows, cols)
-
-
-_pairs_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
-
-
-def _byte_pairs(code: Tensor) -> Tensor:
-    """(256, 2) fp32: the two code values each byte stands for (high nibble first); cached per code table."""
-    key = (code.data_ptr(), code._version, code.dtype, code.numel(), code.device)
-    cached = _pairs_cache.get(key)
-    if cached is not None and torch.equal(cached[0], code):                # a reused address is re-checked
-        return cached[1]
-    values = code.float().cpu()
-    byte = torch.arange(256)
-    pairs = torch.stack((values[byte >> 4], values[byte & 15]), dim=1).contiguous()
-    if len(_pairs_cache) > 64:                                              # code tables are few; stay small
-        _pairs_cache.clear()
-    _pairs_cache[key] = (code.detach().clone(), pairs)
-    return pairs
 
 
 def _as_2d(values: Tensor) -> Tensor:
