@@ -176,15 +176,22 @@ def cli_runs(tmp_path_factory) -> Path:
         log = proc.communicate(timeout=240)[0].decode(errors="replace")      # never hangs the suite
     finally:
         proc.kill()
-    assert proc.returncode == 0, log[-3000:]
-    for engine, part in zip(ENGINES, log.split("=== ")[1:], strict=True):
+    (out / "log.txt").write_text(log)
+    for engine, part in zip(ENGINES, log.split("=== ")[1:], strict=False):   # each engine's test checks its own
         (out / engine / "log.txt").write_text(part)
     return out
 
 
+def _finished(cli_runs: Path, engine: str) -> Path:
+    """The engine's output folder, after checking its run wrote the adapter (else the log's tail)."""
+    run = cli_runs / engine / "run"
+    assert (run / "adapter_model.safetensors").is_file(), (cli_runs / "log.txt").read_text()[-3000:]
+    return run
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_train_under_torchrun_gives_the_one_process_adapter_and_losses(cli_runs, engine):
-    run, single = cli_runs / engine / "run", cli_runs / "single"
+    run, single = _finished(cli_runs, engine), cli_runs / "single"
     saved, alone = (_tensors(d / "adapter_model.safetensors") for d in (run, single))
     assert saved.keys() == alone.keys() and len(saved) == 2 * 2 * 4             # lora_A/B × q,v × 4 layers
     for key, value in alone.items():
@@ -198,6 +205,7 @@ def test_train_under_torchrun_gives_the_one_process_adapter_and_losses(cli_runs,
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_train_under_torchrun_writes_from_rank_0_only(cli_runs, engine):
+    _finished(cli_runs, engine)
     writes = (cli_runs / engine / "writes-rank0.txt").read_text().splitlines()
     assert len(writes) == 3, writes                                           # checkpoints at steps 2 and 3, adapter
     assert sum("trainer_state.json" in line for line in writes) == 2
@@ -209,26 +217,27 @@ def test_resume_with_another_world_size_is_refused_naming_both(cli_runs):
     from qlora_inject.train import TrainOptions, UsageError, train
 
     options = TrainOptions(model="tiny", steps=4, batch_size=4, seq_len=32, r=4, target_modules="q_proj,v_proj",
-                           lora_dropout=0.0, save_every=2, progress=False, output=cli_runs / "ddp" / "run",
+                           lora_dropout=0.0, save_every=2, progress=False, output=_finished(cli_runs, "ddp"),
                            resume=True)
     with pytest.raises(UsageError, match=r"written by 2 process\(es\), this run has 1.*--nproc_per_node 2"):
         train(options, log=lambda _: None)
 
 
-def test_adapters_saved_under_ddp_and_fsdp_load_in_peft(runs, cli_runs, tmp_path):
+@pytest.mark.parametrize("saved_by", ["torchrun-ddp", "torchrun-fsdp", "ddp-nf4", "fsdp2-nf4", "fsdp1-nf4",
+                                      "fsdp2-hqq"])
+def test_adapters_saved_under_ddp_and_fsdp_load_in_peft(runs, cli_runs, tmp_path, saved_by):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
     from qlora_inject.train import build_default_model
 
-    out, _ = runs
-    tiny = build_default_model(tmp_path / "tiny")                             # --model tiny's base (seed 0)
-    pairs = [(tiny, cli_runs / engine / "run") for engine in ENGINES]
-    pairs += [(tiny_llama_dir(), out / f"{scenario}-adapter") for scenario in ("ddp-nf4", "fsdp2-nf4")]
-    for base_dir, adapter in pairs:
-        peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), adapter)
-        loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
-        saved = _tensors(adapter / "adapter_model.safetensors")
-        assert saved and loaded.keys() == saved.keys(), adapter
-        for key, value in saved.items():
-            assert torch.equal(loaded[key], value), (adapter, key)
+    if saved_by.startswith("torchrun-"):
+        base_dir, adapter = build_default_model(tmp_path / "tiny"), _finished(cli_runs, saved_by.split("-")[1])
+    else:                                                                     # --model tiny's base (seed 0) above
+        base_dir, adapter = tiny_llama_dir(), runs[0] / f"{saved_by}-adapter"
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), adapter)
+    loaded = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    saved = _tensors(adapter / "adapter_model.safetensors")
+    assert saved and loaded.keys() == saved.keys(), adapter
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), (adapter, key)
