@@ -109,13 +109,13 @@ def _target(numel: int, dtype: torch.dtype, out: Tensor | None):
     fits = out is not None and out.device == cpu and out.numel() >= numel
     if fits and out.dtype == torch.float32:
         result = out.view(-1)[:numel]
-        return result, result.numpy(), _IN_FP32_MODES[dtype]
+        return result, _array(result), _IN_FP32_MODES[dtype]
     if fits and dtype == torch.float32 and out.dtype in _HALF_MODES:
         dtype = out.dtype
     result = scratch_or_new(out, numel, dtype, cpu)
     if dtype == torch.float32:
-        return result, result.numpy(), 0
-    return result, result.view(torch.int16).numpy().view(np.uint16), _HALF_MODES[dtype]
+        return result, _array(result), 0
+    return result, _array(result.view(torch.int16)).view(np.uint16), _HALF_MODES[dtype]
 
 
 def blockwise_4bit(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, numel: int, dtype: torch.dtype,
@@ -126,8 +126,8 @@ def blockwise_4bit(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, n
         raise ValueError(f"a 4-bit code table has 16 values, this one {code.numel()}; pass the layer's "
                          "quant_state.code (NF4 or FP4)")
     result, array, mode = _target(numel, dtype, out)
-    _kernel("blockwise_4bit")(data.numpy(), absmax.float().contiguous().numpy(),
-                              code.float().cpu()[:16].contiguous().numpy(), blocksize, numel, mode, array)
+    _kernel("blockwise_4bit")(_array(data), _array(absmax.float().contiguous()),
+                              _array(code.float().cpu()[:16].contiguous()), blocksize, numel, mode, array)
     return result
 
 
@@ -137,7 +137,7 @@ def rowwise_int8(codes: Tensor, row_scales: Tensor, out: Tensor | None = None,
     path, in `dtype` (fp32 when `out` is an fp32 scratch)."""
     rows, cols = codes.shape
     result, array, mode = _target(rows * cols, dtype, out)
-    _kernel("rowwise_int8")(codes.contiguous().numpy(), row_scales.float().contiguous().numpy(), mode, array)
+    _kernel("rowwise_int8")(_array(codes.contiguous()), _array(row_scales.float().contiguous()), mode, array)
     return result.view(rows, cols)
 
 
@@ -146,8 +146,8 @@ def gptq(qweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     """GPTQ with unpacked int32 zeros (groups, out) → (in, out), values in `scales.dtype` (see `_target`)."""
     out_features = qweight.shape[1]
     result, array, mode = _target(in_features * out_features, scales.dtype, out)
-    _kernel("gptq")(qweight.contiguous().numpy(), zeros.to(torch.int32).contiguous().numpy(),
-                    scales.float().contiguous().numpy(), g_idx.to(torch.int64).contiguous().numpy(), bits,
+    _kernel("gptq")(_array(qweight.contiguous()), _array(zeros.to(torch.int32).contiguous()),
+                    _array(scales.float().contiguous()), _array(g_idx.to(torch.int64).contiguous()), bits,
                     in_features, mode, array)
     return result.view(in_features, out_features)
 
@@ -159,8 +159,8 @@ def awq(qweight: Tensor, zeros: Tensor, scales: Tensor, group_size: int, positio
 
     in_features = qweight.shape[0]
     result, array, mode = _target(in_features * out_features, scales.dtype, out)
-    _kernel("awq")(qweight.contiguous().numpy(), zeros.to(torch.int32).contiguous().numpy(),
-                   scales.float().contiguous().numpy(), group_size, np.asarray(positions, dtype=np.int64), bits,
+    _kernel("awq")(_array(qweight.contiguous()), _array(zeros.to(torch.int32).contiguous()),
+                   _array(scales.float().contiguous()), group_size, np.asarray(positions, dtype=np.int64), bits,
                    out_features, mode, array)
     return result.view(in_features, out_features)
 
@@ -171,9 +171,30 @@ def hqq_4bit(packed: Tensor, zero: Tensor, scale: Tensor, rows: int, out: Tensor
     `(code − zero) · scale` computed as hqq does in `dtype`, each step rounded to it."""
     cols = packed.shape[1]
     result, array, mode = _target(rows * cols, dtype, out)
-    _kernel("hqq_4bit")(packed.contiguous().numpy(), _as_2d(zero).numpy(), _as_2d(scale).numpy(), rows, mode,
+    _kernel("hqq_4bit")(_array(packed.contiguous()), _array(_as_2d(zero)), _array(_as_2d(scale)), rows, mode,
                         array)
     return result.view(rows, cols)
+
+
+def _array(tensor: Tensor):
+    """A numpy array over a contiguous CPU tensor's memory, for a kernel call.
+
+    Not `tensor.numpy()`: torch marks a storage exported that way as never resizable again, and FSDP2
+    frees a gathered weight by resizing its storage to 0 (it failed on NF4 after a dequantization).
+    The array holds a reference to `tensor` (a temporary such as `absmax.float()` lives as long).
+    """
+    import ctypes
+
+    import numpy as np
+
+    assert tensor.is_contiguous() and tensor.device.type == "cpu", "kernel arguments are contiguous CPU tensors"
+    dtype = {torch.float32: np.float32, torch.int16: np.int16, torch.uint8: np.uint8, torch.int8: np.int8,
+             torch.int32: np.int32, torch.int64: np.int64}[tensor.dtype]
+    if tensor.numel() == 0:
+        return np.empty(tensor.shape, dtype)
+    raw = (ctypes.c_uint8 * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
+    raw.tensor = tensor                                                     # the array keeps its tensor alive
+    return np.frombuffer(raw, dtype=dtype).reshape(tensor.shape)
 
 
 def _as_2d(values: Tensor) -> Tensor:

@@ -232,3 +232,15 @@ def test_an_unknown_kernel_override_is_refused_naming_the_choices(monkeypatch):
     with pytest.raises(ValueError, match=r"QLORA_INJECT_KERNEL='fast' is not one of auto, numba, torch"):
         dequantize_4bit(torch.zeros(8, dtype=torch.uint8), torch.ones(1), torch.linspace(-1, 1, 16), 64, (4, 4),
                         torch.float32)
+
+
+def test_the_kernels_leave_their_tensors_storage_resizable():
+    """FSDP2 frees a gathered weight by resizing its storage to 0; `tensor.numpy()` would forbid that."""
+    packed = torch.randint(0, 256, (64,), dtype=torch.uint8)
+    absmax = torch.rand(2, dtype=torch.float16)                             # a temporary fp32 copy inside
+    out = torch.empty(128)
+    weight = dequantize_4bit(packed, absmax, torch.linspace(-1, 1, 16), 64, (8, 16), torch.float32, out=out)
+    _same(weight, dequantize_4bit_blockwise(packed, absmax.float(), torch.linspace(-1, 1, 16), 64, (8, 16),
+                                            torch.float32))
+    for tensor in (packed, absmax, out):
+        tensor.untyped_storage().resize_(0)
