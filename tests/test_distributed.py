@@ -241,3 +241,15 @@ def test_adapters_saved_under_ddp_and_fsdp_load_in_peft(runs, cli_runs, tmp_path
     assert saved and loaded.keys() == saved.keys(), adapter
     for key, value in saved.items():
         assert torch.equal(loaded[key], value), (adapter, key)
+
+
+def test_a_checkpoint_from_before_world_size_was_recorded_resumes_in_one_process():
+    from qlora_inject.checkpoint import TrainerState
+    from qlora_inject.train import TrainOptions, UsageError, check_resume, run_settings
+
+    options = TrainOptions(model="tiny", steps=4)
+    settings = run_settings(options, "text")
+    older = {k: v for k, v in settings.items() if k not in ("world_size", "lora_dropout")}   # 1 process, 0.05
+    check_resume(options, settings, TrainerState(2, [1.0, 1.0], older, {}, {}))
+    with pytest.raises(UsageError, match=r"written by 1 process\(es\), this run has 2"):
+        check_resume(options, run_settings(options, "text", world=2), TrainerState(2, [1.0, 1.0], older, {}, {}))
