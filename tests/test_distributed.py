@@ -253,3 +253,15 @@ def test_a_checkpoint_from_before_world_size_was_recorded_resumes_in_one_process
     check_resume(options, settings, TrainerState(2, [1.0, 1.0], older, {}, {}))
     with pytest.raises(UsageError, match=r"written by 1 process\(es\), this run has 2"):
         check_resume(options, run_settings(options, "text", world=2), TrainerState(2, [1.0, 1.0], older, {}, {}))
+
+
+def test_train_refuses_settings_that_cannot_run_over_processes():
+    from qlora_inject.train import TrainOptions, UsageError, _check_world
+
+    with pytest.raises(UsageError, match="--fsdp shards over several processes, and this is one"):
+        _check_world(TrainOptions(fsdp=True), 1)
+    with pytest.raises(UsageError, match="--fsdp with --quant int8.*drop --fsdp"):
+        _check_world(TrainOptions(fsdp=True, quant="int8"), 2)
+    with pytest.raises(UsageError, match="--batch-size 5 does not split over 2 processes; give a multiple of 2"):
+        _check_world(TrainOptions(batch_size=5), 2)
+    _check_world(TrainOptions(batch_size=4), 2)
