@@ -177,24 +177,14 @@ def hqq_4bit(packed: Tensor, zero: Tensor, scale: Tensor, rows: int, out: Tensor
 
 
 def _array(tensor: Tensor):
-    """A numpy array over a contiguous CPU tensor's memory, for a kernel call.
+    """A numpy array over a contiguous CPU tensor's memory (it keeps the tensor alive), for a kernel call.
 
     Not `tensor.numpy()`: torch marks a storage exported that way as never resizable again, and FSDP2
     frees a gathered weight by resizing its storage to 0 (it failed on NF4 after a dequantization).
-    The array holds a reference to `tensor` (a temporary such as `absmax.float()` lives as long).
     """
-    import ctypes
-
     import numpy as np
 
-    assert tensor.is_contiguous() and tensor.device.type == "cpu", "kernel arguments are contiguous CPU tensors"
-    dtype = {torch.float32: np.float32, torch.int16: np.int16, torch.uint8: np.uint8, torch.int8: np.int8,
-             torch.int32: np.int32, torch.int64: np.int64}[tensor.dtype]
-    if tensor.numel() == 0:
-        return np.empty(tensor.shape, dtype)
-    raw = (ctypes.c_uint8 * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
-    raw.tensor = tensor                                                     # the array keeps its tensor alive
-    return np.frombuffer(raw, dtype=dtype).reshape(tensor.shape)
+    return np.from_dlpack(tensor.detach())
 
 
 def _as_2d(values: Tensor) -> Tensor:
