@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from qlora_inject import LoraConfig, inject
+from qlora_inject.backends.bnb import never_repack
 from qlora_inject.bench import machine, markdown_table, median_seconds, plot_bars, save_report
 from qlora_inject.quantize import quantize_model
 
@@ -52,9 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     for fmt in args.formats.split(","):
         ours = quantize_model(copy.deepcopy(dense), fmt, skip=(), group_size=64 if fmt == "hqq" else 128)
         theirs = quantize_model(copy.deepcopy(dense), fmt, skip=(), group_size=64 if fmt == "hqq" else 128)
-        for module in (*ours.modules(), *theirs.modules()):                # no in-place CPU repack in either
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        for model in (ours, theirs):                                       # no in-place CPU repack in either
+            never_repack(model)
         inject(ours, LoraConfig(**config))
         theirs.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)   # PEFT reads a device off it
         peft.LoraModel(theirs, peft.LoraConfig(**config), "default")

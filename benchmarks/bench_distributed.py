@@ -50,6 +50,8 @@ def build(directory: Path, hidden: int, layers: int) -> None:
 def load(fmt: str, directory: Path):
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
+    from qlora_inject.backends.bnb import never_repack
+
     if fmt == "hqq":
         from qlora_inject.quantize import quantize_model
 
@@ -58,10 +60,7 @@ def load(fmt: str, directory: Path):
                                 bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     model = LlamaForCausalLM.from_pretrained(directory, quantization_config=config, device_map=device)
-    for module in model.modules():                       # keep bitsandbytes' trainable layout (see pretrained.py)
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
+    return never_repack(model)                           # keep bitsandbytes' trainable layout
 
 
 def with_lora(library: str, model):

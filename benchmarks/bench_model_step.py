@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_inject.backends.bnb import never_repack
 from qlora_inject.bench import machine, markdown_table, plot_bars, save_report
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -66,9 +67,7 @@ def build(fmt: str, library: str, dtype_name: str, args) -> Callable[[], None]:
         model = LlamaForCausalLM(config).to(dtype)
     if fmt != "none":
         quantize_model(model, fmt, compute_dtype=dtype, device=device, group_size=64 if fmt == "hqq" else 128)
-    for module in model.modules():                                   # no in-place CPU repack in either library
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    never_repack(model)                                              # no in-place CPU repack in either library
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if library == "ours":

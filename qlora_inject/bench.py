@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qlora_inject.backends.bnb import never_repack
 from qlora_inject.config import LoraConfig
 from qlora_inject.inject import inject
 
@@ -172,9 +173,7 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
         if fmt == "dense":
             return copy.deepcopy(dense)
         layer = quantize_linear(dense, fmt, compute_dtype=dtype, group_size=128 if fmt != "hqq" else 64)
-        if hasattr(layer, "support_avx512bf16_for_cpu"):                  # no in-place CPU repack, as when wrapped
-            layer.support_avx512bf16_for_cpu = False
-        return layer
+        return never_repack(layer)                                        # no in-place CPU repack, as when wrapped
 
     results = []
     for fmt in (f for f in workload.formats if _available(f)):

@@ -131,8 +131,8 @@ def sampler(encoded: list[tuple[list[int], list[int]]], batch_size: int, pad_id:
 @torch.no_grad()
 def evaluate(model, tokenizer, held_out: list[Example], samples: int = 3, batch_size: int = 16) -> Evaluation:
     """Exact-match accuracy and answer loss on `held_out`, and greedy generations for the first `samples`."""
+    from qlora_inject.backends.bnb import never_repack
     from qlora_inject.loss import why_not_chunked
-    from qlora_inject.pretrained import never_repack
 
     tokenize = _tokenize(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -53,8 +53,8 @@ class MergeGain:
 @torch.no_grad()
 def held_out_loss(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Mean next-token loss over the labelled tokens (-100 ignored) of `(input_ids, labels)` batches."""
+    from qlora_inject.backends.bnb import never_repack
     from qlora_inject.loss import causal_lm_loss, why_not_chunked
-    from qlora_inject.pretrained import never_repack
 
     never_repack(model)                                # eval mode must not make bare 4-bit layers untrainable
     chunked = why_not_chunked(model) is None

@@ -110,20 +110,6 @@ def load_quantized(source: str | os.PathLike, quant: str = "nf4", cache: Path | 
     return load_model(model_directory(source, cache), quant)
 
 
-def never_repack(model):
-    """`model`, its bitsandbytes 4-bit layers told never to repack themselves (in place).
-
-    On the first eval-mode forward on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for
-    its inference kernel: other numerics, and a backward that autograd does not know (wrong input
-    gradients, with only a warning). A layer that LoRA wraps never repacks; this keeps the others
-    (not targeted, or run bare by a fusion probe or an evaluation) trainable as well.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
-
-
 def converted_gguf(gguf: Path, cache: Path | None = None) -> Path:
     """The cached safetensors conversion of `gguf`, made now if it is not there yet."""
     cache = cache_root() / "gguf" if cache is None else cache

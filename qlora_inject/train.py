@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from qlora_inject import distributed
+from qlora_inject.backends.bnb import never_repack
 from qlora_inject.checkpoint import (
     CHECKPOINT,
     TrainerState,
@@ -43,7 +44,7 @@ from qlora_inject.checkpoint import (
     write_checkpoint,
 )
 from qlora_inject.date_task import DateTask, Evaluation
-from qlora_inject.pretrained import HUB_ID, never_repack
+from qlora_inject.pretrained import HUB_ID
 
 QUANTS = ("nf4", "fp4", "int8", "gptq", "awq", "hqq", "none")
 DEFAULT_MODEL = "smollm2"                              # no --model: SmolLM2-135M-Instruct on the date task

@@ -27,17 +27,15 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 def load(quant: str, directory: str):
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
+    from qlora_inject.backends.bnb import never_repack
+
     if quant != "nf4":
         from qlora_inject.quantize import quantize_model
 
         return quantize_model(LlamaForCausalLM.from_pretrained(directory), quant, group_size=32)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=torch.float32)
-    model = LlamaForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu")
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
+    return never_repack(LlamaForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu"))
 
 
 def lora_model(quant: str, directory: str):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora_inject.pretrained import never_repack
+from qlora_inject.backends.bnb import never_repack
 
 # in_features a multiple of the 4-bit blocksize: bitsandbytes 0.50's CPU dequantize_4bit mis-reads
 # blocks that straddle rows (see tests/backends/test_bnb.py), as real model shapes never do.

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from qlora_inject import LoraConfig, inject
+from qlora_inject.backends.bnb import never_repack
 from qlora_inject.registry import base_forward_is_exact
 
 from conftest import requires
@@ -211,10 +212,7 @@ def _nf4_bf16_llama(activations: torch.dtype) -> nn.Module:
                                       bnb_4bit_compute_dtype=torch.bfloat16)
     model = LlamaForCausalLM.from_pretrained(tiny_llama_dir(), quantization_config=quantization, dtype=activations,
                                              device_map="cpu")
-    for module in model.modules():                  # no bf16 repacking on AVX512-BF16 CPUs (see factories)
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
+    return never_repack(model)                      # no bf16 repacking on AVX512-BF16 CPUs (see factories)
 
 
 def _train(model: nn.Module, batches: list[torch.Tensor], lr: float = 1e-2) -> list[float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qlora_inject import cli, date_task, pretrained, train
-from qlora_inject.pretrained import never_repack
+from qlora_inject.backends.bnb import never_repack
 
 from conftest import requires
 

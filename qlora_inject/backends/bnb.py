@@ -193,6 +193,19 @@ def _opt_out_of_repack(module: nn.Module) -> None:
         module.support_avx512bf16_for_cpu = False
 
 
+def never_repack(model: nn.Module) -> nn.Module:
+    """`model`, its bitsandbytes 4-bit layers told never to repack themselves (in place).
+
+    On the first eval-mode forward on a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer for
+    its inference kernel: other numerics, and a backward that autograd does not know (wrong input
+    gradients, with only a warning). A layer that LoRA wraps never repacks (`adopt`); this keeps the
+    others (not targeted, or run bare by a fusion probe, an evaluation or a benchmark) trainable as well.
+    """
+    for module in model.modules():
+        _opt_out_of_repack(module)
+    return model
+
+
 def _refuse_repacked(module: nn.Module) -> None:
     """A layer repacked for CPU inference before it was wrapped cannot train: refuse it, naming the fix."""
     state = _find_quant_state(module)
