@@ -91,9 +91,13 @@ def tiny_llama_dir() -> Path:
     return directory
 
 
-def load_tiny_llama(quant: str = "none") -> nn.Module:
+def load_tiny_llama(quant: str = "none", compute_dtype: torch.dtype = torch.float32,
+                    dtype: torch.dtype | None = None) -> nn.Module:
     """The tiny Llama: 'none', or loaded through transformers as 'nf4', 'fp4', 'int8' (bitsandbytes, CPU),
-    or with every linear but the head quantized by its library as 'hqq', 'gptq' or 'awq'."""
+    or with every linear but the head quantized by its library as 'hqq', 'gptq' or 'awq'.
+
+    `compute_dtype` is bitsandbytes' 4-bit compute dtype; `dtype`, where given, the activations' (the
+    non-quantized weights' dtype, transformers' `dtype=`)."""
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     if quant in ("hqq", "gptq", "awq"):
@@ -103,14 +107,16 @@ def load_tiny_llama(quant: str = "none") -> nn.Module:
     configs = {
         "none": None,
         "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.float32),
-        "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
+                                  bnb_4bit_compute_dtype=compute_dtype),
+        "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=compute_dtype),
         "int8": BitsAndBytesConfig(load_in_8bit=True),
     }
     quantization = configs[quant]
+    activations = {} if dtype is None else {"dtype": dtype}
     if quantization is None:
-        return LlamaForCausalLM.from_pretrained(tiny_llama_dir())
-    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir(), quantization_config=quantization, device_map="cpu")
+        return LlamaForCausalLM.from_pretrained(tiny_llama_dir(), **activations)
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir(), quantization_config=quantization, device_map="cpu",
+                                             **activations)
     # bitsandbytes would repack 4-bit weights for a bf16 CPU kernel on the first eval-mode forward
     # (AVX512-BF16 machines), changing that model's numerics; wrapped layers never repack, so a
     # model compared with ours (PEFT's, or the bare base) must not either.

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 from qlora_inject import LoraConfig, inject
-from qlora_inject.backends.bnb import never_repack
 from qlora_inject.registry import base_forward_is_exact
 
 from conftest import requires
@@ -202,19 +201,6 @@ def _peft_term_error(fmt, compute, adapter, ours: Holder, x: torch.Tensor, term_
     return _rel(y - y_base, term_ref)
 
 
-def _nf4_bf16_llama(activations: torch.dtype) -> nn.Module:
-    """The tiny Llama in NF4 with `bnb_4bit_compute_dtype=bf16`, the most common QLoRA setting."""
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    from factories import tiny_llama_dir
-
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir(), quantization_config=quantization, dtype=activations,
-                                             device_map="cpu")
-    return never_repack(model)                      # no bf16 repacking on AVX512-BF16 CPUs (see factories)
-
-
 def _train(model: nn.Module, batches: list[torch.Tensor], lr: float = 1e-2) -> list[float]:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
@@ -244,11 +230,14 @@ def test_nf4_bf16_compute_trains_like_peft(activations):
 
     from qlora_inject import LoraModel
 
-    from factories import LLAMA_PROJECTIONS
+    from factories import LLAMA_PROJECTIONS, load_tiny_llama
 
     settings = {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_PROJECTIONS, "lora_dropout": 0.0}
-    ours = LoraModel(_nf4_bf16_llama(activations), LoraConfig(**settings), "default")
-    theirs = peft.LoraModel(_nf4_bf16_llama(activations), peft.LoraConfig(**settings), "default")
+    def nf4_bf16_llama() -> nn.Module:                  # the most common QLoRA setting: bf16 compute
+        return load_tiny_llama("nf4", compute_dtype=BF16, dtype=activations)
+
+    ours = LoraModel(nf4_bf16_llama(), LoraConfig(**settings), "default")
+    theirs = peft.LoraModel(nf4_bf16_llama(), peft.LoraConfig(**settings), "default")
     mine = {name: module for name, module in ours.named_modules() if hasattr(module, "lora_A")}
     copied = 0
     with torch.no_grad():                               # the same starting adapter in both
