@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,8 +151,18 @@ class LoraModel(nn.Module):
 
     # --- merging --------------------------------------------------------------------------------
 
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> dict[str, MergeResult]:
-        """Merge the active adapters into the bases in their own formats; returns each layer's merge error."""
+    def merge_adapter(self, adapter_names: list[str] | None = None,
+                      held_out: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, MergeResult]:
+        """Merge the active adapters into the bases in their own formats; returns each layer's merge error.
+
+        With `held_out` (`(input_ids, labels)` batches) the result's `gain` is the held-out loss of the base,
+        the adapter and the merged model, and a `MergeLossWarning` (one line, pointing to
+        `merge_and_unload(dequantize=True)`) says when the merge keeps less than half of the gain.
+        """
+        if held_out is not None:
+            from qlora_inject.merge_report import merge_measured
+
+            return merge_measured(self, held_out, adapter_names)
         return merge(self.model, adapter_names)
 
     def unmerge_adapter(self) -> None:

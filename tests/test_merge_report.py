@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
 from qlora_inject import LoraConfig, LoraModel, causal_lm_loss, train
-from qlora_inject.merge_report import MergeGain, default_held_out, measure_merge
+from qlora_inject.merge_report import MergeGain, MergeLossWarning, default_held_out, measure_merge
 
 from conftest import requires
 
@@ -53,6 +54,27 @@ def test_a_merge_into_nf4_that_rounds_the_update_away_warns(model_dir, batch):
 def test_a_dense_merge_keeps_the_gain_and_does_not_warn(model_dir, batch):
     gain = measure_merge(trained(model_dir, "none", 1e-4, batch), [(batch, batch)])
     assert gain.kept == pytest.approx(1.0, abs=1e-3) and gain.warning() is None
+
+
+def test_merge_adapter_given_held_out_data_reports_the_losses_and_warns_in_one_line(model_dir, batch):
+    model = trained(model_dir, "nf4", 1e-4, batch)
+    with pytest.warns(MergeLossWarning, match=r"^warning: merged into bnb-4bit, the model keeps -?\d+% .*--dequantize"):
+        report = model.merge_adapter(held_out=[(batch, batch)])
+    assert len(report) == 7 and all(0 < layer.relative_error < 1 for layer in report.values())   # per layer, as before
+    assert report.gain.adapter < report.gain.base and report.gain.kept < 0.5, report.gain
+    assert "\n" not in str(report.gain.warning())
+    with torch.no_grad():                                                   # it stays merged, as merge_adapter does
+        assert float(causal_lm_loss(model.eval(), batch)) == pytest.approx(report.gain.merged, rel=1e-5)
+
+
+def test_merge_adapter_given_held_out_data_into_dense_keeps_the_gain_silently(model_dir, batch):
+    model = trained(model_dir, "none", 1e-4, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeLossWarning)
+        gain = model.merge_adapter(held_out=[(batch, batch)]).gain
+    assert gain.adapter < gain.base and gain.kept == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match=r"active adapters \['default'\]; call set_adapter\(\['other'\]\) first"):
+        model.merge_adapter(["other"], held_out=[(batch, batch)])
 
 
 def test_gain_kept_is_measured_against_the_adapter_gain():
