@@ -23,7 +23,7 @@ def dequantize_blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, block
     return _scale_blocks(values, absmax.float(), blocksize)
 
 
-def dequantize_4bit_blockwise(
+def dequantize_4bit_torch(
     packed: Tensor,
     absmax: Tensor,
     code: Tensor,
@@ -74,7 +74,7 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
         return dequantize_4bit_triton(packed, absmax, code, blocksize, shape, dtype, out=out)
 
     def twin() -> Tensor:
-        return dequantize_4bit_blockwise(packed, absmax, code, blocksize, shape, dtype)
+        return dequantize_4bit_torch(packed, absmax, code, blocksize, shape, dtype)
 
     if packed.device.type != "cpu":
         return twin()

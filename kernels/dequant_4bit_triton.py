@@ -2,7 +2,7 @@
 
 Three names, as for every kernel here: `_dequantize_4bit_kernel` (the `@triton.jit` kernel),
 `dequantize_4bit_triton` (the checked wrapper), and the pure-torch reference
-`qlora_inject.kernels.dequant_4bit.dequantize_4bit_blockwise`. `dequant_4bit.dequantize_4bit`
+`qlora_inject.kernels.dequant_4bit.dequantize_4bit_torch`. `dequant_4bit.dequantize_4bit`
 imports this module (and so Triton) only for CUDA tensors. Double quantization's absmax is decoded
 by the twin first (it is tiny: one value per 64 weights).
 """
@@ -34,7 +34,7 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, bl
 
 def dequantize_4bit_triton(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
                            shape: tuple[int, ...], dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
-    """Triton twin of `dequantize_4bit_blockwise`; same arguments, same result (written into `out` if given)."""
+    """Triton twin of `dequantize_4bit_torch`; same arguments, same result (written into `out` if given)."""
     numel = math.prod(shape)
     data = packed.contiguous().view(-1).view(torch.uint8)
     if data.numel() * 2 < numel:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from qlora_inject.kernels import autotune, dequant_cpu, triton_runs
 
-AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)   # logical column k of a word sits in nibble AWQ_ORDER.index(k)
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)   # logical column k of a word sits in nibble AWQ_REVERSE_ORDER[k]
 
 
 def _use_numba(packed: Tensor, bits: int) -> bool:
@@ -37,7 +37,10 @@ def _word_positions(bits: int, interleaved: bool) -> tuple[int, ...]:
 
 
 def unpack_rows(packed: Tensor, bits: int, rows: int) -> Tensor:
-    """Codes packed along dim 0 of an int32 (words, cols) tensor → int32 (rows, cols)."""
+    """Codes packed LSB-first along dim 0 of an int32 (words, cols) tensor → int32 (rows, cols).
+
+    (HQQ packs rows differently, as slices of the code matrix: `dequant_hqq.unpack_row_slices`.)
+    """
     words, cols = packed.shape
     mask = (1 << bits) - 1
     if 32 % bits == 0:

@@ -1,8 +1,8 @@
 """Triton kernels for 4-bit GPTQ and AWQ (GEMM layout) dequantization, beside their torch twins.
 
-`_dequantize_gptq4_kernel` / `dequantize_gptq4_triton` mirror `dequant_gptq.dequantize_gptq` at
+`_dequantize_gptq4_kernel` / `dequantize_gptq4_triton` mirror `dequant_gptq.dequantize_gptq_torch` at
 4 bits (any `g_idx`, either zero-point convention); `_dequantize_awq4_kernel` /
-`dequantize_awq4_triton` mirror `dequant_gptq.dequantize_awq_gemm` at 4 bits, interleaved. Each
+`dequantize_awq4_triton` mirror `dequant_gptq.dequantize_awq_gemm_torch` at 4 bits, interleaved. Each
 program writes a tile of the dense (out, in) weight. Importing this module imports Triton: the
 twins' dispatchers import it only for CUDA tensors.
 """

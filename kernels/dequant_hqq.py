@@ -27,7 +27,7 @@ PACKINGS = {
 }
 
 
-def unpack_rows(packed: Tensor, packing: str) -> Tensor:
+def unpack_row_slices(packed: Tensor, packing: str) -> Tensor:
     """Undo HQQ's row-slice bit packing; returns the codes (rows × k, cols), same integer dtype."""
     if packing not in PACKINGS:
         raise ValueError(f"unknown HQQ packing {packing!r}; known: {sorted(PACKINGS)}")
@@ -74,7 +74,7 @@ def dequantize_hqq_torch(W_q: Tensor, meta: dict) -> Tensor:
     zero, scale = _zero_and_scale(meta, W_q.device)
     if meta["packing"]:
         stored = W_q.view(_unpack_view_dtype(meta)) if meta.get("view_as_float") else W_q
-        codes = unpack_rows(stored, meta["packing"])[: code_rows(meta)].to(dtype)   # (rows, cols)
+        codes = unpack_row_slices(stored, meta["packing"])[: code_rows(meta)].to(dtype)   # (rows, cols)
     else:
         codes = W_q.to(dtype)
     return ((codes - zero) * scale).reshape(meta["shape"])

@@ -1,4 +1,4 @@
-"""Triton kernel for HQQ's 4-bit packing ("4bit_u8"), beside its torch twin `dequant_hqq.dequantize_hqq`.
+"""Triton kernel for HQQ's 4-bit packing ("4bit_u8"), beside its torch twin `dequant_hqq.dequantize_hqq_torch`.
 
 The packed rows hold the code matrix's first half in their high nibbles and its second half in
 their low nibbles; zero and scale broadcast per code row (`axis == 1`) or per code column

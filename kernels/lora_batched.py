@@ -5,8 +5,10 @@
 Adapters are stacked with their ranks zero-padded to the largest, so shrink (x·Aᵀ) and expand
 (h·Bᵀ) are each one batched contraction over gathered factors instead of a loop over adapters.
 Gathering costs tokens × r × (in + out) elements: meant for decode-sized batches (serving many
-adapters), where the per-adapter loop's many small launches dominate. Pure torch: the CPU path and
-the oracle for a Triton shrink/expand kernel.
+adapters), where the per-adapter loop's many small launches dominate. `lora_gathered` dispatches:
+the Triton shrink/expand of `lora_batched_triton` on CUDA outside autograd, else the pure-torch twin
+`lora_gathered_torch` (the CPU path and the kernel's oracle). `lora_looped` is the per-adapter loop
+the gathered form replaces: a baseline for the benchmark and an independent check of the twin's math.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ def stack_adapters(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     return stacked_A, stacked_B
 
 
-def lora_gathered(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
-    """The per-token LoRA update, (tokens, out).
+def lora_gathered_torch(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
+    """Pure-torch twin of `lora_gathered`: the per-token LoRA update, (tokens, out).
 
     Args:
         x: (tokens, in) input.
@@ -41,7 +43,7 @@ def lora_gathered(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tenso
 
 
 def lora_looped(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
-    """The same update with one pair of matmuls per adapter present (the reference)."""
+    """The same update with one pair of matmuls per adapter present (a baseline and a check, not the twin)."""
     delta = x.new_zeros(x.shape[0], B.shape[1])
     for adapter in index.unique().tolist():
         if adapter < 0:
@@ -51,10 +53,10 @@ def lora_looped(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor)
     return delta
 
 
-def lora_gathered_any(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
-    """The Triton shrink/expand for CUDA tensors outside autograd (serving), this twin otherwise."""
+def lora_gathered(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
+    """The Triton shrink/expand for CUDA tensors outside autograd (serving), else `lora_gathered_torch`."""
     if triton_runs(x) and not torch.is_grad_enabled():
         from qlora_inject.kernels.lora_batched_triton import lora_gathered_triton
 
         return lora_gathered_triton(x, A, B, scaling, index)
-    return lora_gathered(x, A, B, scaling, index)
+    return lora_gathered_torch(x, A, B, scaling, index)

@@ -1,4 +1,4 @@
-"""Triton shrink/expand for mixed-adapter batches, beside the torch twin `lora_batched.lora_gathered`.
+"""Triton shrink/expand for mixed-adapter batches, beside the torch twin `lora_batched.lora_gathered_torch`.
 
 Token t uses adapter `index[t]` (−1: none). `_lora_shrink_kernel` computes h[t] = s[i]·A[i] x[t]
 (one program per token and rank tile, looping over the input), `_lora_expand_kernel` computes
@@ -53,7 +53,7 @@ def _lora_expand_kernel(h_ptr, b_ptr, index_ptr, out_ptr, out_features, rank,
 
 
 def lora_gathered_triton(x: Tensor, A: Tensor, B: Tensor, scaling: Tensor, index: Tensor) -> Tensor:
-    """Triton twin of `lora_gathered`: the per-token LoRA update, (tokens, out), in `x.dtype`."""
+    """Triton twin of `lora_gathered_torch`: the per-token LoRA update, (tokens, out), in `x.dtype`."""
     tokens, in_features = x.shape
     adapters, rank, a_in = A.shape
     if a_in != in_features or B.shape[0] != adapters or B.shape[2] != rank or index.shape != (tokens,):

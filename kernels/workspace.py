@@ -36,11 +36,6 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
-def release() -> None:
-    """Free this thread's buffers (e.g. before measuring peak memory, or after training)."""
-    _local.__dict__.pop("buffers", None)
-
-
 def scratch_or_new(out: Tensor | None, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """`out[:numel]` when it fits (dtype, device, size), else a new 1-D tensor: for kernels' `out=` argument."""
     if out is not None and out.dtype == dtype and out.device == device and out.numel() >= numel:

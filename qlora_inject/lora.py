@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from qlora_inject import dora, init_schemes
 from qlora_inject.distributed import base_trains, refuse_sharded_adapters, remember_base
 from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear, lora_dtype_for
-from qlora_inject.kernels.lora_batched import lora_gathered_any, stack_adapters
+from qlora_inject.kernels.lora_batched import lora_gathered, stack_adapters
 from qlora_inject.kernels.workspace import scratch
 from qlora_inject.mixed_batch import assigned_adapters
 from qlora_inject.registry import Backend, base_forward_is_exact, find_backend, trains_fused
@@ -329,7 +329,7 @@ class LoraLinear(nn.Module):
             x = torch.cat([self.lora_dropout[n](x[i:i + 1]) if n in position else x[i:i + 1]
                            for i, n in enumerate(names)])
         flat = x.to(dtype).reshape(-1, self.in_features)
-        delta = lora_gathered_any(flat, A, B, scaling, index)                      # (tokens, out)
+        delta = lora_gathered(flat, A, B, scaling, index)                          # (tokens, out)
         return result + delta.view(result.shape).to(result.dtype)
 
     def _stacked_adapters(self, present: list[str], dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qlora_inject.kernels import autotune, dequant_cpu
-from qlora_inject.kernels.dequant_4bit import dequantize_4bit, dequantize_4bit_blockwise
+from qlora_inject.kernels.dequant_4bit import dequantize_4bit, dequantize_4bit_torch
 from qlora_inject.kernels.dequant_gptq import (
     dequantize_awq_gemm,
     dequantize_awq_gemm_torch,
@@ -69,7 +69,7 @@ def test_4bit_kernel_equals_the_twin(shape, dtype):
     packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8)
     absmax = torch.rand(-(-numel // 64)) * 3
     code = torch.linspace(-1, 1, 16)
-    twin = dequantize_4bit_blockwise(packed, absmax, code, 64, shape, dtype)
+    twin = dequantize_4bit_torch(packed, absmax, code, 64, shape, dtype)
     _same(dequantize_4bit(packed, absmax, code, 64, shape, dtype), twin)
     into = dequantize_4bit(packed, absmax, code, 64, shape, dtype, out=scratch(numel, torch.float32, "cpu"))
     assert into.dtype == torch.float32                                      # fp32 container, the dtype's values
@@ -178,7 +178,7 @@ def test_a_numba_that_does_not_import_falls_back_to_the_twins_with_a_warning(mon
             assert not dequant_cpu.available()
         packed = torch.randint(0, 256, (64,), dtype=torch.uint8)
         args = (packed, torch.rand(2), torch.linspace(-1, 1, 16), 64, (8, 16), torch.float32)
-        assert torch.equal(dequantize_4bit(*args), dequantize_4bit_blockwise(*args))
+        assert torch.equal(dequantize_4bit(*args), dequantize_4bit_torch(*args))
     finally:
         dequant_cpu.available.cache_clear()
 
@@ -212,7 +212,7 @@ def test_a_dispatcher_measures_once_per_shape_class_and_every_path_gives_the_sam
     monkeypatch.delenv("QLORA_INJECT_KERNEL")
     packed = torch.randint(0, 256, (64 * 1024,), dtype=torch.uint8)
     args = (packed, torch.rand(2048) * 3, torch.linspace(-1, 1, 16), 64, (256, 512), torch.bfloat16)
-    twin = dequantize_4bit_blockwise(*args)
+    twin = dequantize_4bit_torch(*args)
     for _ in range(2):                                                      # the second use measures
         _same(dequantize_4bit(*args, out=scratch(256 * 512, torch.float32, "cpu")), twin)
     (key, (chosen, timings)), = autotune.decisions().items()
@@ -240,7 +240,7 @@ def test_the_kernels_leave_their_tensors_storage_resizable():
     absmax = torch.rand(2, dtype=torch.float16)                             # a temporary fp32 copy inside
     out = torch.empty(128)
     weight = dequantize_4bit(packed, absmax, torch.linspace(-1, 1, 16), 64, (8, 16), torch.float32, out=out)
-    _same(weight, dequantize_4bit_blockwise(packed, absmax.float(), torch.linspace(-1, 1, 16), 64, (8, 16),
+    _same(weight, dequantize_4bit_torch(packed, absmax.float(), torch.linspace(-1, 1, 16), 64, (8, 16),
                                             torch.float32))
     for tensor in (packed, absmax, out):
         tensor.untyped_storage().resize_(0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise
+from qlora_inject.kernels.dequant_4bit import dequantize_4bit_torch
 from qlora_inject.kernels.dequant_gptq import dequantize_awq_gemm_torch, dequantize_gptq_torch
 from qlora_inject.kernels.dequant_hqq import dequantize_hqq_torch
 from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
@@ -48,7 +48,7 @@ def _cases(dtype: torch.dtype):
     hqq = (torch.randint(0, 256, (rows // 2, 64), dtype=torch.uint8),
            {"packing": "4bit_u8", "axis": 1, "group_size": 64, "shape": (OUT, IN), "compute_dtype": dtype,
             "zero": (torch.rand(rows, 1) * 15).to(dtype), "scale": torch.rand(rows, 1).to(dtype)})
-    return [("nf4", dequantize_4bit, dequantize_4bit_blockwise, nf4),
+    return [("nf4", dequantize_4bit, dequantize_4bit_torch, nf4),
             ("gptq", dequantize_gptq, dequantize_gptq_torch, gptq),
             ("awq", dequantize_awq_gemm, dequantize_awq_gemm_torch, awq),
             ("hqq", dequantize_hqq, dequantize_hqq_torch, hqq)]

@@ -48,7 +48,7 @@ def test_bf16_input():
 
 
 def test_gathered_multi_adapter_update_equals_the_loop_and_the_math():
-    from qlora_inject.kernels.lora_batched import lora_gathered, lora_looped, stack_adapters
+    from qlora_inject.kernels.lora_batched import lora_gathered_torch, lora_looped, stack_adapters
 
     pairs = [(torch.randn(r, 24), torch.randn(40, r)) for r in (2, 4, 8)]
     A, B = stack_adapters(pairs)
@@ -56,7 +56,7 @@ def test_gathered_multi_adapter_update_equals_the_loop_and_the_math():
     scaling = torch.tensor([0.5, 2.0, 1.0])
     x = torch.randn(9, 24)
     index = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2])
-    gathered = lora_gathered(x, A, B, scaling, index)
+    gathered = lora_gathered_torch(x, A, B, scaling, index)
     torch.testing.assert_close(gathered, lora_looped(x, A, B, scaling, index))
     for t, i in enumerate(index.tolist()):
         expected = torch.zeros(40) if i < 0 else scaling[i] * (pairs[i][1] @ (pairs[i][0] @ x[t]))
@@ -67,7 +67,7 @@ TRITON_CHECK = r"""
 import os
 import torch
 D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
-from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise, dequantize_blockwise_8bit
+from qlora_inject.kernels.dequant_4bit import dequantize_4bit_torch, dequantize_blockwise_8bit
 from qlora_inject.kernels.dequant_4bit_triton import dequantize_4bit_triton
 from qlora_inject.kernels.workspace import scratch
 import bitsandbytes.functional as F
@@ -84,7 +84,7 @@ for shape in [(64, 128), (40, 96), (7, 200)]:
                 if nested:
                     absmax = dequantize_blockwise_8bit(absmax, state.state2.code, state.state2.absmax,
                                                        state.state2.blocksize) + state.offset
-                twin = dequantize_4bit_blockwise(packed, absmax, state.code, 64, tuple(state.shape), dtype)
+                twin = dequantize_4bit_torch(packed, absmax, state.code, 64, tuple(state.shape), dtype)
                 kernel = dequantize_4bit_triton(packed.to(D), absmax.to(D), state.code.to(D), 64,
                                                 tuple(state.shape), dtype).cpu()
                 assert kernel.dtype == dtype, dtype
@@ -109,7 +109,7 @@ GPTQ_AWQ_TRITON_CHECK = r"""
 import os
 import torch
 D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
-from qlora_inject.kernels import dequant_gptq as twin
+from qlora_inject.kernels.dequant_gptq import dequantize_awq_gemm_torch, dequantize_gptq_torch
 from qlora_inject.kernels.dequant_gptq_triton import dequantize_awq4_triton, dequantize_gptq4_triton
 from qlora_inject.kernels.workspace import scratch
 
@@ -126,14 +126,14 @@ for in_features, out_features, group_size in [(64, 32, 16), (96, 40, 32), (128, 
         for dtype in (torch.float32, torch.float16):
             scales = torch.rand(groups, out_features).to(dtype)
             for offset in (0, 1):
-                expected = twin.dequantize_gptq(qweight, qzeros, scales, g_idx, 4, in_features, out_features, offset)
+                expected = dequantize_gptq_torch(qweight, qzeros, scales, g_idx, 4, in_features, out_features, offset)
                 kernel = dequantize_gptq4_triton(qweight.to(D), qzeros.to(D), scales.to(D), g_idx.to(D),
                                                  in_features, out_features, offset).cpu()
                 assert kernel.dtype == dtype and torch.allclose(kernel.float(), expected.float(), rtol=1e-3), "gptq"
     qweight = torch.randint(-2**31, 2**31 - 1, (in_features, out_features // 8), dtype=torch.int32)
     qzeros = torch.randint(-2**31, 2**31 - 1, (groups, out_features // 8), dtype=torch.int32)
     scales = torch.rand(groups, out_features)
-    expected = twin.dequantize_awq_gemm(qweight, qzeros, scales, 4, size, out_features, interleaved=True)
+    expected = dequantize_awq_gemm_torch(qweight, qzeros, scales, 4, size, out_features, interleaved=True)
     kernel = dequantize_awq4_triton(qweight.to(D), qzeros.to(D), scales.to(D), size, out_features).cpu()
     assert torch.equal(kernel, expected), "awq"
     buffer = scratch(expected.numel(), expected.dtype, D)
@@ -141,7 +141,7 @@ for in_features, out_features, group_size in [(64, 32, 16), (96, 40, 32), (128, 
     assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), expected), "awq out="
     gptq_qweight = torch.randint(-2**31, 2**31 - 1, (in_features // 8, out_features), dtype=torch.int32)
     g_idx = torch.arange(in_features, dtype=torch.int32) // size
-    expected = twin.dequantize_gptq(gptq_qweight, qzeros, scales, g_idx, 4, in_features, out_features)
+    expected = dequantize_gptq_torch(gptq_qweight, qzeros, scales, g_idx, 4, in_features, out_features)
     into = dequantize_gptq4_triton(gptq_qweight.to(D), qzeros.to(D), scales.to(D), g_idx.to(D), in_features,
                                    out_features, out=buffer)
     assert into.data_ptr() == buffer.data_ptr() and torch.equal(into.cpu(), expected), "gptq out="
@@ -158,7 +158,7 @@ import os
 import torch
 D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
 from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-from qlora_inject.kernels.dequant_hqq import dequantize_hqq
+from qlora_inject.kernels.dequant_hqq import dequantize_hqq_torch
 from qlora_inject.kernels.dequant_hqq_triton import dequantize_hqq4_triton
 from qlora_inject.kernels.workspace import scratch
 
@@ -168,7 +168,7 @@ for axis in (0, 1):
         for dtype in (torch.float32, torch.bfloat16):
             layer = HQQLinear(torch.nn.Linear(128, 48), BaseQuantizeConfig(nbits=4, group_size=group_size, axis=axis),
                               compute_dtype=dtype, device="cpu")
-            expected = dequantize_hqq(layer.W_q, layer.meta)
+            expected = dequantize_hqq_torch(layer.W_q, layer.meta)
             meta = {k: v.to(D) if torch.is_tensor(v) else v for k, v in layer.meta.items()}
             kernel = dequantize_hqq4_triton(layer.W_q.to(D), meta).cpu()
             assert kernel.dtype == dtype and kernel.shape == expected.shape
@@ -188,7 +188,7 @@ LORA_TRITON_CHECK = r"""
 import os
 import torch
 D = os.environ.get("QLORA_INJECT_KERNEL_DEVICE", "cpu")
-from qlora_inject.kernels.lora_batched import lora_gathered, stack_adapters
+from qlora_inject.kernels.lora_batched import lora_gathered_torch, stack_adapters
 from qlora_inject.kernels.lora_batched_triton import lora_gathered_triton
 
 torch.manual_seed(0)
@@ -196,7 +196,7 @@ A, B = stack_adapters([(torch.randn(r, 100), torch.randn(70, r)) for r in (3, 16
 scaling = torch.tensor([0.5, 2.0, 1.0])
 x = torch.randn(11, 100)
 index = torch.tensor([0, 2, -1, 1, 1, 0, -1, 2, 2, 0, 1])
-expected = lora_gathered(x, A, B, scaling, index)
+expected = lora_gathered_torch(x, A, B, scaling, index)
 kernel = lora_gathered_triton(x.to(D), A.to(D), B.to(D), scaling.to(D), index.to(D)).cpu()
 assert torch.allclose(kernel, expected, rtol=1e-4, atol=1e-4), (kernel - expected).abs().max()
 assert torch.equal(kernel[2], torch.zeros(70)) and torch.equal(kernel[6], torch.zeros(70))

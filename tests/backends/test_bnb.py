@@ -143,11 +143,11 @@ def test_4bit_dequantize_is_faithful_when_blocks_straddle_rows(shape, quant_type
     # code step of the original, scaled by its block's absmax.
     import bitsandbytes.functional as bnbF
 
-    from qlora_inject.kernels.dequant_4bit import dequantize_4bit_blockwise
+    from qlora_inject.kernels.dequant_4bit import dequantize_4bit_torch
 
     weight = torch.randn(shape)
     packed, state = bnbF.quantize_4bit(weight, blocksize=64, quant_type=quant_type)
-    ours = dequantize_4bit_blockwise(packed, state.absmax, state.code, 64, tuple(state.shape), torch.float32)
+    ours = dequantize_4bit_torch(packed, state.absmax, state.code, 64, tuple(state.shape), torch.float32)
     step = state.code.sort().values.diff().max()                            # widest gap between codes
     flat = torch.nn.functional.pad(weight.view(-1), (0, (-weight.numel()) % 64)).view(-1, 64)
     bound = (flat.abs().max(dim=1).values[:, None] * step).expand(-1, 64).reshape(-1)[: weight.numel()]
