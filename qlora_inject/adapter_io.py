@@ -1,6 +1,9 @@
 """Adapter files in PEFT's format: `adapter_model.safetensors` + `adapter_config.json`.
 
-Keys are PEFT's: `base_model.model.<module path>.lora_A.weight`, the adapter name removed. A save
+Keys are PEFT's: `base_model.model.<module path>.lora_A.weight`, the adapter name removed; which
+tensors an adapter saves, and under which key, each layer says (`LoraLinear.adapter_state_keys`, from
+the adapter's variant; `ModulesToSaveWrapper.adapter_state_keys`), so no key is matched here by its
+text. A save
 writes the whole adapter into a staging folder and swaps it in (`atomic_files.replace_folder`): the
 folder is the previous adapter or the new one, never a mix; other files in it are kept. Loads read
 only adapter tensors (never a pickle), and check every key and shape before anything is attached.
@@ -18,47 +21,41 @@ from torch import Tensor, nn
 
 from qlora_inject.atomic_files import atomic_write_bytes, recover_folder, replace_folder, write_file
 from qlora_inject.config import CONFIG_NAME, LoraConfig
+from qlora_inject.lora import LoraLinear
+from qlora_inject.modules_to_save import ModulesToSaveWrapper
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-_ADAPTER_SEGMENTS = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save")
-_MAGNITUDE = "lora_magnitude_vector"                                          # PEFT saves it without ".weight"
-_SAVED_COPY = "modules_to_save"                                               # PEFT drops this level in files
+# Module-path segments of wrappers that state-dict keys leave out (FSDP1, activation checkpointing).
+_UNNAMED_WRAPPERS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _wrappers(model: nn.Module):
+    """`(state-dict prefix, module)` for each module holding adapters (LoRA layers, modules to save)."""
+    for path, module in model.named_modules():
+        if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+            parts = [part for part in path.split(".") if part and part not in _UNNAMED_WRAPPERS]
+            yield "".join(f"{part}." for part in parts), module
+
+
+def adapter_keys(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """PEFT's key → `model`'s state-dict key, for every tensor adapter `adapter_name` saves, e.g.
+    `base_model.model.x.lora_A.weight` → `x.lora_A.<adapter>.weight`, `base_model.model.lm_head.weight` →
+    `lm_head.modules_to_save.<adapter>.weight`, `base_model.model.x.lora_magnitude_vector` →
+    `x.lora_magnitude_vector.<adapter>.weight`."""
+    return {PREFIX + prefix + peft_key: prefix + own_key
+            for prefix, module in _wrappers(model) if adapter_name in module.adapters
+            for peft_key, own_key in module.adapter_state_keys(adapter_name).items()}
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
     """One adapter's tensors under PEFT's keys (adapter name removed, `base_model.model.` prefix)."""
-    out: dict[str, Tensor] = {}
-    tag = f".{adapter_name}."
-    for key, tensor in model.state_dict().items():
-        segment = next((s for s in _ADAPTER_SEGMENTS if f".{s}{tag}" in f".{key}"), None)
-        if segment == _SAVED_COPY:                                           # lm_head.modules_to_save.a.weight
-            out[PREFIX + key.replace(f"{segment}{tag}", "")] = tensor        # → lm_head.weight
-        elif segment == _MAGNITUDE:                                          # x.lora_magnitude_vector.a.weight
-            out[PREFIX + key.replace(f"{segment}{tag}weight", segment)] = tensor   # → x.lora_magnitude_vector
-        elif segment is not None:
-            out[PREFIX + key.replace(f"{segment}{tag}", f"{segment}.")] = tensor
-        elif _is_saved_bias(key, bias):
-            out[PREFIX + key] = tensor
-    return out
-
-
-def peft_key_to_model_key(key: str, adapter_name: str, model_keys) -> str:
-    """`base_model.model.x.lora_A.weight` → `x.lora_A.<adapter>.weight`;
-    `base_model.model.lm_head.weight` → `lm_head.modules_to_save.<adapter>.weight` when lm_head is saved whole."""
-    if not key.startswith(PREFIX):
-        raise ValueError(f"adapter key {key!r} does not start with {PREFIX!r}; is this a PEFT LoRA adapter file?")
-    key = key[len(PREFIX):]
-    if key.endswith(f".{_MAGNITUDE}"):
-        return f"{key}.{adapter_name}.weight"
-    for segment in _ADAPTER_SEGMENTS:
-        marker = f".{segment}."
-        if marker in f".{key}":
-            head, _, tail = f".{key}".partition(marker)
-            return f"{head}{marker}{adapter_name}.{tail}".removeprefix(".")
-    module, _, leaf = key.rpartition(".")
-    saved_copy = f"{module}.{_SAVED_COPY}.{adapter_name}.{leaf}".removeprefix(".")
-    return saved_copy if saved_copy in model_keys else key
+    state = model.state_dict()
+    names = {own: peft for peft, own in adapter_keys(model, adapter_name).items()}
+    names.update({key: PREFIX + key for key in _saved_biases(model, state, bias)})
+    lost = sorted(names.keys() - state.keys())
+    assert not lost, f"adapter keys {lost[:3]} are not in the model's state dict"
+    return {names[key]: tensor for key, tensor in state.items() if key in names}
 
 
 def adapter_files(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
@@ -75,7 +72,7 @@ def adapter_files(model: nn.Module, config: LoraConfig, adapter_name: str = "def
 
     if tensors is None:
         tensors = adapter_state_dict(model, adapter_name, config.bias)
-    if not any(".lora_A." in k for k in tensors):
+    if not any(isinstance(m, LoraLinear) and adapter_name in m.adapters for m in model.modules()):
         raise ValueError(f"adapter {adapter_name!r} is not in this model; nothing to save")
     weights = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"     # as LoraConfig.save_pretrained
@@ -139,19 +136,23 @@ def check_and_copy(model: nn.Module, tensors: dict[str, Tensor], adapter_name: s
         ValueError: Naming every missing, unexpected, mis-shaped and integer-typed key; nothing is
             copied then.
     """
+    foreign = [k for k in tensors if not k.startswith(PREFIX)]
+    if foreign:
+        raise ValueError(f"adapter key {foreign[0]!r} does not start with {PREFIX!r}; "
+                         "is this a PEFT LoRA adapter file?")
     state = model.state_dict()
-    mapped = {peft_key_to_model_key(k, adapter_name, state.keys()): v for k, v in tensors.items()}
-    expected = {k for k in state if any(f".{s}.{adapter_name}." in f".{k}" for s in _ADAPTER_SEGMENTS)}
-    allowed = expected | {k for k in state if _is_saved_bias(k, bias)}
-    missing = sorted(expected - mapped.keys())
-    unexpected = sorted(k for k in mapped if k not in allowed)
-    misshaped = sorted(f"{k}: file {tuple(v.shape)}, model {tuple(state[k].shape)}"
-                       for k, v in mapped.items() if k in state and state[k].shape != v.shape)
-    mistyped = sorted(f"{k}: file {v.dtype}, model {state[k].dtype}" for k, v in mapped.items()
-                      if k in allowed and state[k].is_floating_point() and not v.is_floating_point())
+    expected = adapter_keys(model, adapter_name)                             # file key -> model key
+    allowed = {**expected, **{PREFIX + key: key for key in _saved_biases(model, state, bias)}}
+    missing = sorted(k for k in expected if k not in tensors)
+    unexpected = sorted(k for k in tensors if k not in allowed)
+    mapped = {allowed[k]: v for k, v in tensors.items() if k in allowed}
+    misshaped = sorted(f"{k}: file {tuple(v.shape)}, model {tuple(state[allowed[k]].shape)}"
+                       for k, v in tensors.items() if k in allowed and state[allowed[k]].shape != v.shape)
+    mistyped = sorted(f"{k}: file {v.dtype}, model {state[allowed[k]].dtype}" for k, v in tensors.items()
+                      if k in allowed and state[allowed[k]].is_floating_point() and not v.is_floating_point())
     if missing or unexpected or misshaped or mistyped:
         def shown(keys: list[str]) -> list[str]:                            # as the file names them
-            return [k.replace(f".{adapter_name}.", ".") for k in keys[:5]]
+            return [k.removeprefix(PREFIX) for k in keys[:5]]
 
         parts = [f"{label} ({len(keys)}): {shown(keys)}{' …' if len(keys) > 5 else ''}"
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
@@ -166,12 +167,18 @@ def check_and_copy(model: nn.Module, tensors: dict[str, Tensor], adapter_name: s
             state[key].copy_(value)
 
 
-def _is_saved_bias(key: str, bias: str) -> bool:
-    if bias == "all":
-        return key.endswith(".bias") and ".lora_" not in key
+def _saved_biases(model: nn.Module, state: dict[str, Tensor], bias: str) -> set[str]:
+    """The state-dict keys of the biases an adapter with this `bias` setting trains and saves: none; every
+    bias of the model that no adapter owns (`"all"`); or the LoRA layers' base biases (`"lora_only"`)."""
     if bias == "lora_only":
-        return key.endswith(".base_layer.bias")
-    return False
+        keys = {f"{prefix}base_layer.bias" for prefix, module in _wrappers(model)
+                if isinstance(module, LoraLinear) and getattr(module.base_layer, "bias", None) is not None}
+        return keys & state.keys()
+    if bias == "all":
+        owned = {prefix + own for prefix, module in _wrappers(model) for name in module.adapters
+                 for own in module.adapter_state_keys(name).values()}
+        return {key for key in state if key.endswith(".bias") and key not in owned}
+    return set()
 
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_files", "adapter_state_dict", "atomic_write_bytes",

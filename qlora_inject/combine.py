@@ -42,26 +42,30 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     if combination_type not in COMBINATIONS:
         raise ValueError(f"combination_type={combination_type!r} is not one of {COMBINATIONS}")
     layers = {name: m for name, m in iter_modules(model)
-              if isinstance(m, LoraLinear) and any(a in m.lora_A for a in adapters)}
-    if any(a in m.lora_magnitude_vector for m in layers.values() for a in adapters):
-        raise ValueError("DoRA adapters cannot be combined (their magnitudes do not add); merge them instead")
-    ranks = {m.r[a] for m in layers.values() for a in adapters if a in m.lora_A}
+              if isinstance(m, LoraLinear) and any(a in m.adapters for a in adapters)}
+    held = {name: [a for a in adapters if a in layer.adapters] for name, layer in layers.items()}
+    refused = {a: layers[name].variant(a).name for name, names in held.items() for a in names
+               if not layers[name].variant(a).combinable}
+    if refused:
+        raise ValueError(f"adapters {refused} (adapter: variant) cannot be combined: their update is not s·B A "
+                         "alone, so it does not add up with others'; merge them instead")
+    ranks = {layers[name].rank(a) for name, names in held.items() for a in names}
     if combination_type == "linear" and len(ranks) > 1:
         raise ValueError(f"'linear' needs adapters of one rank, got ranks {sorted(ranks)}; use 'cat' or 'svd'")
-    rank = {"linear": max(ranks), "cat": sum(max(m.r.get(a, 0) for m in layers.values()) for a in adapters),
+    rank = {"linear": max(ranks),
+            "cat": sum(max(layers[name].rank(a) if a in names else 0 for name, names in held.items())
+                       for a in adapters),
             "svd": svd_rank or max(ranks)}[combination_type]
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers), init_lora_weights=False)
     factors = {name: _factors(layer, adapters, weights, combination_type, rank) for name, layer in layers.items()}
     inject(model, config, adapter_name)
-    with torch.no_grad():
-        for name, (A, B) in factors.items():
-            layers[name].lora_A[adapter_name].weight.copy_(A)
-            layers[name].lora_B[adapter_name].weight.copy_(B)
+    for name, (A, B) in factors.items():
+        layers[name].load_factors(adapter_name, A, B)
     return config
 
 
 def _factors(layer: LoraLinear, adapters: list[str], weights: list[float], kind: str, rank: int):
-    present = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in layer.lora_A]
+    present = [(a, w) for a, w in zip(adapters, weights, strict=True) if a in layer.adapters]
     if kind == "svd":
         delta = sum(w * layer.delta_weight(a) for a, w in present)                  # (out, in)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
@@ -69,16 +73,13 @@ def _factors(layer: LoraLinear, adapters: list[str], weights: list[float], kind:
         A = root[:, None] * Vh[:rank]
         B = U[:, :rank] * root[None, :]
         return _pad(A, rank, 0), _pad(B, rank, 1)
+    factors = [(layer.factors(a), w) for a, w in present]                           # ((A, B, s), w)
     if kind == "linear":
-        A = sum(math.sqrt(abs(w * layer.scaling[a])) * layer.lora_A[a].weight.float() for a, w in present)
-        B = sum(math.copysign(math.sqrt(abs(w * layer.scaling[a])), w) * layer.lora_B[a].weight.float()
-                for a, w in present)
+        A = sum(math.sqrt(abs(w * s)) * A.float() for (A, _, s), w in factors)
+        B = sum(math.copysign(math.sqrt(abs(w * s)), w) * B.float() for (_, B, s), w in factors)
         return A, B
-    blocks_A, blocks_B = [], []                                                      # cat
-    for a, w in zip(adapters, weights, strict=True):
-        if a in layer.lora_A:
-            blocks_A.append(layer.lora_A[a].weight.float())
-            blocks_B.append(w * layer.scaling[a] * layer.lora_B[a].weight.float())
+    blocks_A = [A.float() for (A, _, _), _ in factors]                              # cat
+    blocks_B = [w * s * B.float() for (_, B, s), w in factors]
     return _pad(torch.cat(blocks_A), rank, 0), _pad(torch.cat(blocks_B, dim=1), rank, 1)
 
 

@@ -73,10 +73,8 @@ def adapter_names(model: nn.Module) -> list[str]:
     """Every adapter present anywhere in the model, in the order first seen."""
     names: dict[str, None] = {}
     for module in model.modules():
-        if isinstance(module, LoraLinear):
-            names.update(dict.fromkeys(module.lora_A))
-        elif isinstance(module, ModulesToSaveWrapper):
-            names.update(dict.fromkeys(module.modules_to_save))
+        if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+            names.update(dict.fromkeys(module.adapters))
     return list(names)
 
 
@@ -136,9 +134,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     # 2. Commit: nothing below can fail on valid input.
     active = _current_active(model) or [adapter_name]
     report = InjectionReport(adapter_name)
-    for name, module, wrapper, spec, parts in plan:
-        parts.train(module.training)                                         # a model in eval mode stays there
-        wrapper.attach_adapter(adapter_name, spec, parts)
+    for name, module, wrapper, spec, built in plan:
+        built.train(module.training)                                         # a model in eval mode stays there
+        wrapper.attach_adapter(adapter_name, spec, built)
         wrapper.training = module.training
         if wrapper is not module:
             replace_module(model, name, wrapper)
@@ -148,7 +146,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             lora_alpha=spec.lora_alpha, scaling=spec.scaling, compute_dtype=wrapper.lora_compute_dtype[adapter_name],
         ))
     for name, module, wrapper, copy in saved:
-        wrapper.modules_to_save[adapter_name] = copy
+        wrapper.add_copy(adapter_name, copy)
         if wrapper is not module:
             replace_module(model, name, wrapper)
         report.modules_to_save.append(name)
@@ -167,10 +165,10 @@ def set_active_adapters(model: nn.Module, names: list[str]) -> None:
 
 def freeze_base(model: nn.Module, bias: str) -> None:
     """Freeze everything except adapters, modules to save, and biases per `bias`."""
-    for param_name, param in model.named_parameters():
-        keep = any(f".{part}." in f".{param_name}" for part in ("lora_A", "lora_B", "lora_magnitude_vector",
-                                                                  "modules_to_save"))
-        if not keep and param.requires_grad:
+    adapters = {id(param) for module in model.modules() if isinstance(module, (LoraLinear, ModulesToSaveWrapper))
+                for name in module.adapters for param in module.adapter_parameters(name)}
+    for param in model.parameters():
+        if id(param) not in adapters and param.requires_grad:
             param.requires_grad_(False)
     if bias == "none":
         return
@@ -240,11 +238,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if adapter_name not in adapter_names(model):
         raise ValueError(f"adapter {adapter_name!r} is not in this model (adapters: {adapter_names(model)})")
     for name, module in list(iter_modules(model)):
-        if isinstance(module, LoraLinear) and adapter_name in module.lora_A:
+        if isinstance(module, (LoraLinear, ModulesToSaveWrapper)) and adapter_name in module.adapters:
             module.delete_adapter(adapter_name)                   # a merged adapter is unmerged first
-            if not module.lora_A:
-                replace_module(model, name, module.base_layer)
-        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-            del module.modules_to_save[adapter_name]
-            if not module.modules_to_save:
-                replace_module(model, name, module.original_module)
+            if not module.adapters:
+                original = module.base_layer if isinstance(module, LoraLinear) else module.original_module
+                replace_module(model, name, original)

@@ -22,16 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qlora_inject import dora, init_schemes
+from qlora_inject import init_schemes
 from qlora_inject.distributed import base_trains, refuse_sharded_adapters, remember_base
+from qlora_inject.dora import DoraVariant
 from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear, lora_dtype_for
 from qlora_inject.kernels.lora_batched import lora_gathered, stack_adapters
 from qlora_inject.kernels.workspace import scratch
 from qlora_inject.mixed_batch import assigned_adapters
 from qlora_inject.registry import Backend, base_forward_is_exact, find_backend, trains_fused
+from qlora_inject.variant import LoraVariant
 
 BASE_ADAPTER = "__base__"                                                     # "no adapter" in a mixed batch
 
@@ -64,6 +65,20 @@ class AdapterSpec:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+@dataclass
+class BuiltAdapter:
+    """One adapter built by `LoraLinear.build_adapter`, not yet attached."""
+
+    modules: nn.ModuleDict                                                   # table name -> module
+    variant: LoraVariant
+    base: nn.Module | None = None                                            # PiSSA, OLoRA, LoftQ: the residual
+
+    def train(self, mode: bool = True) -> None:
+        self.modules.train(mode)
+        if self.base is not None:
+            self.base.train(mode)
+
+
 class LoraLinear(nn.Module):
     """A base layer of any registered format with named LoRA adapters on top.
 
@@ -72,7 +87,21 @@ class LoraLinear(nn.Module):
             PiSSA/OLoRA/LoftQ start replaces it, at injection, by the requantized residual; a merge
             swaps in a requantized copy and unmerge puts this very object back.
         backend: The format backend that handles `base_layer`.
+
+    Every per-adapter table is declared once, below, under PEFT's names, and only this class (and
+    an adapter's variant, for its own table) reads them by name: the rest of the package adds,
+    deletes, freezes, saves and reads adapters through `update_layer`, `delete_adapter`,
+    `adapter_parameters`, `set_requires_grad`, `adapter_state_keys` and `factors`.
     """
+
+    # nn.ModuleDicts holding each adapter's trained parameters: A (r, in), B (out, r), DoRA's magnitude.
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    # The other per-adapter entries: the dropout modules (an nn.ModuleDict), then plain dicts of settings.
+    # `lora_compute_dtype` holds the resolved dtype, `lora_compute_dtype_given` whether the config set it;
+    # `lora_variant` the adapter's variant object (`variant.py`: plain LoRA, `dora.py`: DoRA).
+    other_module_names = ("lora_dropout",)
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_compute_dtype", "lora_compute_dtype_given",
+                         "lora_variant")
 
     def __init__(self, base_layer: nn.Module, backend: Backend) -> None:
         super().__init__()
@@ -82,15 +111,10 @@ class LoraLinear(nn.Module):
         adopt = getattr(backend, "adopt", None)                              # e.g. bnb 4-bit: opt out of CPU repacking
         if adopt is not None:
             adopt(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()                          # DoRA adapters only
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.lora_compute_dtype: dict[str, torch.dtype | None] = {}
-        self.lora_compute_dtype_given: dict[str, bool] = {}                 # set in the config, not the base's
+        for table in (*self.adapter_layer_names, *self.other_module_names):
+            setattr(self, table, nn.ModuleDict())
+        for table in self.other_param_names:
+            setattr(self, table, {})
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -123,8 +147,9 @@ class LoraLinear(nn.Module):
 
     # --- adapters -------------------------------------------------------------------------------
 
-    def build_adapter(self, spec: AdapterSpec) -> nn.ModuleDict:
-        """Create (but do not attach) the modules of one adapter, on the base layer's device.
+    def build_adapter(self, spec: AdapterSpec) -> BuiltAdapter:
+        """Create (but do not attach) the modules of one adapter, on the base layer's device, and resolve its
+        variant (plain LoRA, or DoRA for `spec.use_dora`).
 
         Kept apart from `attach_adapter` so injection can build every adapter first and attach
         them only when all succeeded.
@@ -141,7 +166,8 @@ class LoraLinear(nn.Module):
             nn.init.zeros_(lora_B.weight)
         # init_lora_weights=False keeps nn.Linear's random init for both: the adapter is not a no-op.
         dropout = nn.Dropout(spec.lora_dropout) if spec.lora_dropout > 0 else nn.Identity()
-        parts = nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B, "lora_dropout": dropout})
+        built = BuiltAdapter(nn.ModuleDict({"lora_A": lora_A, "lora_B": lora_B, "lora_dropout": dropout}),
+                             DoraVariant() if spec.use_dora else LoraVariant())
         base = self.base_layer
         if init_schemes.is_scheme(spec.init_lora_weights):
             if device.type == "meta":
@@ -153,25 +179,18 @@ class LoraLinear(nn.Module):
                 lora_A.weight.copy_(A)
                 lora_B.weight.copy_(B)
             _freeze_like(base, self.base_layer)
-            parts["base_layer"] = base                                        # the residual, requantized
-        if spec.use_dora:
-            magnitude = torch.empty(self.out_features, device=device, dtype=dtype)
-            if device.type != "meta":
-                with torch.no_grad():
-                    delta = spec.scaling * (lora_B.weight.float() @ lora_A.weight.float())
-                    magnitude = dora.initial_magnitude(self.backend.dequantize(base), delta).to(dtype)
-            parts["lora_magnitude_vector"] = dora.MagnitudeVector(magnitude)
-        return parts
+            built.base = base                                                 # the residual, requantized
+        built.modules.update(built.variant.init(self, spec, lora_A, lora_B, base))   # e.g. DoRA's magnitude
+        return built
 
-    def attach_adapter(self, adapter_name: str, spec: AdapterSpec, parts: nn.ModuleDict) -> None:
-        """Register modules built by `build_adapter` under `adapter_name`."""
-        self.lora_A[adapter_name] = parts["lora_A"]
-        self.lora_B[adapter_name] = parts["lora_B"]
-        self.lora_dropout[adapter_name] = parts["lora_dropout"]
-        if "lora_magnitude_vector" in parts:
-            self.lora_magnitude_vector[adapter_name] = parts["lora_magnitude_vector"]
-        if "base_layer" in parts:                                             # PiSSA, OLoRA, LoftQ
-            self.base_layer = parts["base_layer"]
+    def attach_adapter(self, adapter_name: str, spec: AdapterSpec, built: BuiltAdapter) -> None:
+        """Register an adapter built by `build_adapter` under `adapter_name`."""
+        tables = (*self.adapter_layer_names, *self.other_module_names)
+        for table, module in built.modules.items():
+            assert table in tables, f"{table!r} is not a declared adapter table {tables}"
+            getattr(self, table)[adapter_name] = module
+        if built.base is not None:                                           # PiSSA, OLoRA, LoftQ
+            self.base_layer = built.base
             self.backend = find_backend(self.base_layer) or self.backend
         remember_base(self.base_layer)                                       # the objects injection freezes
         self.r[adapter_name] = spec.r
@@ -179,6 +198,7 @@ class LoraLinear(nn.Module):
         self.scaling[adapter_name] = spec.scaling
         self.lora_compute_dtype[adapter_name] = spec.compute_dtype or self.backend.compute_dtype(self.base_layer)
         self.lora_compute_dtype_given[adapter_name] = spec.compute_dtype is not None
+        self.lora_variant[adapter_name] = built.variant
 
     def update_layer(self, adapter_name: str, spec: AdapterSpec) -> None:
         """Add one adapter (build and attach)."""
@@ -186,17 +206,53 @@ class LoraLinear(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists on this layer")
         self.attach_adapter(adapter_name, spec, self.build_adapter(spec))
 
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the adapters on this layer, in the order they were added."""
+        return list(self.lora_A)
+
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The trainable tensors of one adapter on this layer (A, B, and DoRA's magnitude)."""
-        return [table[adapter_name].weight for table in (self.lora_A, self.lora_B, self.lora_magnitude_vector)
-                if adapter_name in table]
+        return [param for table in self.adapter_layer_names if adapter_name in getattr(self, table)
+                for param in getattr(self, table)[adapter_name].parameters()]
+
+    def set_requires_grad(self, adapter_name: str, requires_grad: bool = True) -> None:
+        """Freeze (`False`) or unfreeze one adapter's parameters, and no other's."""
+        for param in self.adapter_parameters(adapter_name):
+            param.requires_grad_(requires_grad)
+
+    def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
+        """PEFT's key → this layer's state-dict key, for each tensor adapter `adapter_name` saves (relative to
+        this layer), e.g. `{"lora_A.weight": "lora_A.<name>.weight", ...}`; what its variant saves."""
+        return self.lora_variant[adapter_name].saved_keys(adapter_name)
+
+    def rank(self, adapter_name: str) -> int:
+        """The rank r of one adapter."""
+        return self.r[adapter_name]
+
+    def variant(self, adapter_name: str) -> LoraVariant:
+        """The variant object of one adapter (`variant.py`: plain LoRA; `dora.py`: DoRA), resolved when it was added."""
+        return self.lora_variant[adapter_name]
+
+    def factors(self, adapter_name: str) -> tuple[Tensor, Tensor, float]:
+        """`(A, B, s)` of one adapter: its parameters A (r, in) and B (out, r), as stored, and its scale s."""
+        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
+
+    def load_factors(self, adapter_name: str, A: Tensor, B: Tensor) -> None:
+        """Copy `A` (r, in) and `B` (out, r) into one adapter's parameters."""
+        with torch.no_grad():
+            self.lora_A[adapter_name].weight.copy_(A)
+            self.lora_B[adapter_name].weight.copy_(B)
+
+    def default_dtype(self) -> torch.dtype | None:
+        """The dtype to probe or export this layer in: the first adapter's compute dtype, else the base's."""
+        return next(iter(self.lora_compute_dtype.values()), None) or self.backend.compute_dtype(self.base_layer)
 
     def set_adapter(self, adapter_names: list[str]) -> None:
         """Make `adapter_names` the active adapters; only their parameters train."""
         self.active_adapters = list(adapter_names)
-        for name in self.lora_A:
-            for param in self.adapter_parameters(name):
-                param.requires_grad_(name in self.active_adapters)
+        for name in self.adapters:
+            self.set_requires_grad(name, name in self.active_adapters)
 
     # --- forward --------------------------------------------------------------------------------
 
@@ -259,7 +315,7 @@ class LoraLinear(nn.Module):
         if self.disable_adapters or self.sample_adapters() is not None:
             return None
         names = [n for n in self.active_adapters if n in self.lora_A and n not in self.merged_adapters]
-        if not names or any(n in self.lora_magnitude_vector for n in names):
+        if not names or not all(self.lora_variant[n].fusable for n in names):
             return None
         weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in names]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for pair in weights
@@ -308,7 +364,7 @@ class LoraLinear(nn.Module):
             raise ValueError(f"cannot run a mixed batch while {self.merged_adapters} are merged; unmerge first")
         present = [n for n in dict.fromkeys(names) if n != BASE_ADAPTER and n in self.lora_A]
         dtypes = {self.term_dtype(n, x) for n in present}
-        if len(present) > 1 and len(dtypes) == 1 and not any(n in self.lora_magnitude_vector for n in present):
+        if len(present) > 1 and len(dtypes) == 1 and all(self.lora_variant[n].fusable for n in present):
             return self._add_lora_gathered(result, x, names, present, dtypes.pop())
         for name in dict.fromkeys(names):
             if name == BASE_ADAPTER or name not in self.lora_A:
@@ -352,18 +408,8 @@ class LoraLinear(nn.Module):
         return A, B, scaling
 
     def _add_lora(self, result: Tensor, x: Tensor, name: str) -> Tensor:
-        dtype = self.term_dtype(name, x)
-        if name in self.lora_magnitude_vector:
-            return dora.add_dora(self, result, x, name, dtype)
-        weight_A = self.lora_A[name].weight.to(dtype)                         # (r, in)
-        weight_B = self.lora_B[name].weight.to(dtype)                         # (out, r)
-        hidden = F.linear(self.lora_dropout[name](x.to(dtype)), weight_A)    # (…, r)
-        if result.dtype == dtype:
-            # result + s·hidden·Bᵀ in one pass over the output.
-            flat = torch.addmm(result.reshape(-1, self.out_features), hidden.reshape(-1, hidden.shape[-1]),
-                               weight_B.t(), alpha=self.scaling[name])       # (tokens, out)
-            return flat.view(result.shape)
-        return result + (F.linear(hidden, weight_B) * self.scaling[name]).to(result.dtype)
+        """`result` plus adapter `name`'s term, as its variant computes it."""
+        return self.lora_variant[name].forward(self, name, result, x, self.term_dtype(name, x))
 
     # --- merge ----------------------------------------------------------------------------------
 
@@ -428,12 +474,10 @@ class LoraLinear(nn.Module):
         if adapter_name in self.merged_adapters:
             remerge = [n for n in self.merged_adapters if n != adapter_name]
             self.unmerge()
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
-            if adapter_name in table:
-                del table[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_compute_dtype,
-                      self.lora_compute_dtype_given):
-            table.pop(adapter_name, None)
+        for table in (*self.adapter_layer_names, *self.other_module_names, *self.other_param_names):
+            entries = getattr(self, table)
+            if adapter_name in entries:
+                del entries[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
         if remerge:
             self.merge(remerge)
@@ -452,15 +496,11 @@ class LoraLinear(nn.Module):
         # A copy: for a dense base, dequantize() is the weight itself.
         weight = self.backend.dequantize(base).to(torch.float32, copy=True)
         for name in names:
-            delta = self.delta_weight(name).to(weight.device)
-            if name in self.lora_magnitude_vector:
-                weight = dora.merged_weight(weight, delta, self.lora_magnitude_vector[name].weight)
-            else:
-                weight += delta
+            weight = self.lora_variant[name].merged_weight(self, name, weight)
         return weight
 
     def _probe(self, tokens: int) -> Tensor:
-        dtype = next(iter(self.lora_compute_dtype.values()), None) or self.backend.compute_dtype(self.base_layer)
+        dtype = self.default_dtype()
         probe = torch.randn(tokens, self.in_features, generator=torch.Generator().manual_seed(0))
         return probe.to(self.device, dtype or torch.float32)
 

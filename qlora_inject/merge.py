@@ -53,7 +53,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
             # Adapters merged before stay merged, in both forms (the quantized merge folds new ones in on top).
             names = list(dict.fromkeys([*module.merged_adapters, *(adapter_names or module.active_adapters)]))
             if dequantize:
-                target_dtype = dtype or next(iter(module.lora_compute_dtype.values()), None) or torch.float32
+                target_dtype = dtype or module.default_dtype() or torch.float32
                 replacement = module.merged_dense(names, target_dtype)
             else:
                 module.merge(names)

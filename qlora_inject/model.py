@@ -295,14 +295,8 @@ def _fill_loaded(model: nn.Module, tensors: dict, adapter_name: str, flags: dict
         raise
     if not is_trainable:                       # this adapter's own tensors, never others' whose path shares its name
         for module in model.modules():
-            if isinstance(module, LoraLinear):
-                params = module.adapter_parameters(adapter_name)
-            elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
-                params = list(module.modules_to_save[adapter_name].parameters())
-            else:
-                continue
-            for param in params:
-                param.requires_grad_(False)
+            if isinstance(module, (LoraLinear, ModulesToSaveWrapper)):
+                module.set_requires_grad(adapter_name, False)
 
 
 def _logical_numel(param: nn.Parameter) -> int:

@@ -55,11 +55,41 @@ class ModulesToSaveWrapper(nn.Module):
             param.requires_grad_(True)
         return clone
 
+    def add_copy(self, adapter_name: str, module: nn.Module) -> None:
+        """Attach a copy made by `build_copy` as adapter `adapter_name`'s."""
+        self.modules_to_save[adapter_name] = module
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop adapter `adapter_name`'s copy."""
+        del self.modules_to_save[adapter_name]
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters that hold a copy here, in the order they were added."""
+        return list(self.modules_to_save)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The parameters of adapter `adapter_name`'s copy (none if it has no copy here)."""
+        module = self.modules_to_save[adapter_name] if adapter_name in self.modules_to_save else None
+        return [] if module is None else list(module.parameters())
+
+    def set_requires_grad(self, adapter_name: str, requires_grad: bool = True) -> None:
+        """Freeze (`False`) or unfreeze adapter `adapter_name`'s copy, and no other."""
+        for param in self.adapter_parameters(adapter_name):
+            param.requires_grad_(requires_grad)
+
+    def adapter_state_keys(self, adapter_name: str) -> dict[str, str]:
+        """PEFT's key → this wrapper's state-dict key (relative to it) for adapter `adapter_name`'s copy: PEFT
+        saves the copy under the original's names (`lm_head.weight`), dropping `modules_to_save.<name>`."""
+        if adapter_name not in self.modules_to_save:
+            return {}
+        return {key: f"modules_to_save.{adapter_name}.{key}" for key in self.modules_to_save[adapter_name].state_dict()}
+
     def set_adapter(self, adapter_names: list[str]) -> None:
         """Activate the first of `adapter_names` that has a copy here (one copy can run at a time)."""
         self.active_adapters = list(adapter_names)
-        for name, module in self.modules_to_save.items():
-            module.requires_grad_(name in self.active_adapters)
+        for name in self.adapters:
+            self.set_requires_grad(name, name in self.active_adapters)
 
     @property
     def active_module(self) -> nn.Module:
