@@ -69,3 +69,12 @@ def test_non_finite_or_non_numeric_weights_are_refused_and_nothing_is_added(weig
     assert before.keys() == model.state_dict().keys()
     with pytest.raises(ValueError, match=r"svd_rank=0 must be a positive integer or None"):
         model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix", svd_rank=0)
+
+
+def test_an_adapter_whose_variant_does_not_add_up_is_refused():
+    model = two_adapters(make_dense)
+    model.add_adapter("d", LoraConfig(r=2, target_modules=["proj"], use_dora=True))
+    with pytest.raises(ValueError, match=r"adapters \{'d': 'dora'\} \(adapter: variant\) cannot be combined: their "
+                                         r"update is not s·B A alone"):
+        model.add_weighted_adapter(["default", "d"], [0.5, 0.5], "mix", combination_type="cat")
+    assert "mix" not in model.peft_config
