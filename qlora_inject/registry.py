@@ -1,11 +1,17 @@
 """The backend registry: one `Backend` per weight format, tried in dispatch order.
 
-A backend holds format facts only (how to recognise a module, read its shape, dequantize it,
-run its base forward, requantize a dense weight into it). Everything about adapters lives in
-`lora.py`. The first backend whose `matches` is true handles a module; the dense backend is
-registered last, so quantized subclasses of `nn.Linear` (bitsandbytes' layers) are caught first.
-The built-ins are registered by `qlora_inject.backends`, which the package imports; this module
-imports none of them (no import cycle).
+A backend is the one home of everything about its format: how to recognise a module, read its
+shape and compute dtype, dequantize it, run its base forward, requantize a dense weight into it,
+quantize a dense linear and load a causal LM in it, the optional package it needs, and the
+names users give it (`nf4`/`fp4` for bitsandbytes 4-bit, ...). Every list of formats (the
+command's `--quant` choices, `quantize_model`, the benchmarks, the tests' parametrisation) is
+read from here (`quant_names`, `format_for`), so a new format is one file plus one
+`register_backend` call. Everything about adapters lives in `lora.py`.
+
+The first backend whose `matches` is true handles a module; the dense backend is registered last,
+so quantized subclasses of `nn.Linear` (bitsandbytes' layers) are caught first. The built-ins are
+registered by `qlora_inject.backends`, which the package imports; this module imports none of them
+(no import cycle).
 """
 
 from __future__ import annotations
@@ -73,10 +79,24 @@ class BackendBase:
       self-check, when `forward` is not the module's.
     - `check(module)`: raise when the module cannot be wrapped as it is (called while planning).
     - `adopt(module)`: called once when a `LoraLinear` takes the module as its base.
+
+    Format facts for users (what `--quant`, `quantize_model`, `load_quantized` and the benchmarks read):
+    - `quant_names`: the names users give this format, the first its default (`("nf4", "fp4")`), and
+      `quant_name(module)`: which of them a module is.
+    - `package`: the import name of the library the format needs (None: torch only), and
+      `install`: how to get it (named in errors).
+    - `quantize(linear, quant, ...)`: a new layer of this format holding a dense `nn.Linear`'s weight.
+    - `load_causal_lm(path, quant, ...)`: a transformers causal LM from a local directory in this format;
+      the default loads it dense and quantizes every linear but the head with `quantize`.
+    - `saved_by_transformers`: whether transformers can save a model holding these layers as they are.
     """
 
     name: str = ""
     fused: bool | None = None
+    quant_names: tuple[str, ...] = ()
+    package: str | None = None
+    install: str = ""
+    saved_by_transformers: bool = False
 
     def matches(self, module: nn.Module) -> bool:
         raise NotImplementedError(f"{type(self).__name__} must implement matches(module)")
@@ -110,6 +130,46 @@ class BackendBase:
         """Called once when a `LoraLinear` takes `module` as its base (bitsandbytes 4-bit opts the layer out
         of its in-place CPU repacking here); the default does nothing."""
         return None
+
+    def quant_name(self, module: nn.Module) -> str:
+        """The name users give `module`'s format (what `--quant` takes): the first of `quant_names`."""
+        return self.quant_names[0] if self.quant_names else self.name
+
+    def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                 group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
+        """A new layer of this format (variant `quant`, one of `quant_names`) holding `linear`'s weight and bias.
+
+        Args:
+            linear: The dense layer; left as it is.
+            quant: Which of this format's names (e.g. `nf4` or `fp4`).
+            compute_dtype: The dtype the new layer computes in, where the format has one.
+            group_size: Columns per quantization group, where the format has groups.
+            bits: Bits per weight, where the format offers a choice.
+            device: Where the new layer lives.
+        """
+        raise NotImplementedError(f"the {self.name!r} backend cannot quantize a dense layer; quantize with its "
+                                  "own library and inject LoRA into the result")
+
+    def load_causal_lm(self, path, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                       dtype: torch.dtype | None = None, shardable: bool = False, group_size: int | None = None):
+        """A transformers causal LM read from the local directory `path`, in this format (variant `quant`).
+
+        The default loads it dense and replaces every `nn.Linear` but the head with `quantize`'s layer.
+
+        Args:
+            path: A Hugging Face model directory.
+            compute_dtype: The quantized layers' compute dtype.
+            dtype: The activations' (non-quantized weights') dtype; None keeps the checkpoint's.
+            shardable: Store packed weights in a dtype FSDP can shard, where the format can.
+            group_size: Quantization group size; None picks the largest of 128, 64, 32 that fits the model.
+        """
+        from transformers import AutoModelForCausalLM
+
+        from qlora_inject.quantize import default_group_size, quantize_model
+
+        model = AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
+        size = group_size or default_group_size(model.config)
+        return quantize_model(model, quant, group_size=size, compute_dtype=compute_dtype)
 
     def check_weight_shape(self, module: nn.Module, weight: Tensor) -> None:
         """Refuse a dense `weight` that does not fit `module` (for `requantize`)."""
@@ -149,6 +209,10 @@ def register_backend(backend: Backend, *, before: str | None = None) -> Backend:
     names = [b.name for b in _BACKENDS]
     if backend.name in names:
         raise ValueError(f"a backend named {backend.name!r} is already registered; pick another name")
+    taken = sorted(set(getattr(backend, "quant_names", ())) & set(quant_names()))
+    if taken:
+        raise ValueError(f"format names {taken} of backend {backend.name!r} are already registered "
+                         f"(registered: {quant_names()}); pick other quant_names")
     if before is None:
         before = "dense" if "dense" in names else None
     if before is not None and before not in names:
@@ -176,6 +240,45 @@ def get_backend(name: str) -> Backend:
         if backend.name == name:
             return backend
     raise ValueError(f"no backend named {name!r}; registered: {backend_names()}")
+
+
+def quant_names() -> list[str]:
+    """Every name users can give a format (`--quant`, `quantize_model`, `load_quantized`), in dispatch order,
+    with `none` (the dense backend) last."""
+    return [quant for backend in _BACKENDS for quant in getattr(backend, "quant_names", ())]
+
+
+def quantized_names() -> list[str]:
+    """`quant_names()` without the dense backend's `none`: the formats a dense layer can be quantized to."""
+    return [quant for backend in _BACKENDS if backend.name != "dense" for quant in getattr(backend, "quant_names", ())]
+
+
+def format_for(quant: str) -> Backend:
+    """The backend of the format users call `quant` (e.g. `nf4` -> bnb-4bit); a backend's own name works too.
+
+    Raises:
+        ValueError: naming `quant` and every name there is.
+    """
+    for backend in _BACKENDS:
+        if quant in getattr(backend, "quant_names", ()) or quant == backend.name:
+            return backend
+    raise ValueError(f"unknown format {quant!r}; choose one of {', '.join(quant_names())} "
+                     "(or register a backend for it: qlora_inject.register_backend)")
+
+
+def default_quant(quant: str) -> str:
+    """`quant` as a user name: a backend's own name (`bnb-4bit`) becomes its default user name (`nf4`)."""
+    backend = format_for(quant)
+    names = getattr(backend, "quant_names", ())
+    return quant if quant in names or not names else names[0]
+
+
+def format_available(quant: str) -> bool:
+    """Whether the library format `quant` needs is installed."""
+    import importlib.util
+
+    package = getattr(format_for(quant), "package", None)
+    return package is None or importlib.util.find_spec(package) is not None
 
 
 def find_backend(module: nn.Module) -> Backend | None:

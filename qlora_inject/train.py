@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from qlora_inject import distributed
-from qlora_inject.backends.bnb import never_repack
 from qlora_inject.checkpoint import (
     CHECKPOINT,
     TrainerState,
@@ -44,9 +43,9 @@ from qlora_inject.checkpoint import (
     write_checkpoint,
 )
 from qlora_inject.date_task import DateTask, Evaluation
-from qlora_inject.pretrained import HUB_ID
+from qlora_inject.pretrained import HUB_ID, load_model, quiet_transformers
+from qlora_inject.registry import quant_names
 
-QUANTS = ("nf4", "fp4", "int8", "gptq", "awq", "hqq", "none")
 DEFAULT_MODEL = "smollm2"                              # no --model: SmolLM2-135M-Instruct on the date task
 TINY_NAMES = ("tiny", "builtin")                       # --model tiny: the random-weight built-in model
 TASK_STEPS, TEXT_STEPS = 30, 200                       # default --steps: the date task, a text
@@ -136,14 +135,6 @@ def byte_tokens(text: str) -> list[int]:
 
 # --- model ---------------------------------------------------------------------------------------
 
-def quiet_transformers() -> None:
-    """No progress bars or info logs from transformers: the command prints its own."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def build_default_model(directory: Path, seed: int = 0, hidden: int = 256, layers: int = 4) -> Path:
     """Save the built-in model: Llama architecture, random weights, 256-token byte vocabulary."""
     from safetensors.torch import save_file
@@ -159,48 +150,6 @@ def build_default_model(directory: Path, seed: int = 0, hidden: int = 256, layer
     model.config.to_json_file(directory / "config.json")          # writes from rank 0 only, and every rank
     save_file(model.state_dict(), directory / "model.safetensors", metadata={"format": "pt"})   # builds its own
     return directory
-
-
-def load_model(path: Path, quant: str, shardable: bool = False):
-    """Load a local causal LM in format `quant` (bitsandbytes through transformers, others quantized here).
-
-    `shardable`: bitsandbytes 4-bit weights stored as float32 (`bnb_4bit_quant_storage`), which FSDP shards.
-    """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quiet_transformers()
-    if quant not in QUANTS:
-        raise UsageError(f"--quant {quant!r} is not one of {', '.join(QUANTS)}")
-    if not (path / "config.json").is_file():
-        raise UsageError(f"--model {str(path)!r} is not a Hugging Face model directory (no config.json there)")
-    bnb = {
-        "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch.float32),
-        "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
-        "int8": dict(load_in_8bit=True),
-    }
-    if shardable and quant in ("nf4", "fp4"):
-        bnb[quant]["bnb_4bit_quant_storage"] = torch.float32
-    if quant in bnb:
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"   # this rank's GPU
-        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**bnb[quant]),
-                                                     device_map=device)
-        never_repack(model)                            # an eval-mode forward (fusion probe, scoring) keeps it trainable
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path)
-        if quant != "none":
-            from qlora_inject.quantize import quantize_model
-
-            quantize_model(model, quant, group_size=_group_size(model.config))
-    return model
-
-
-def _group_size(config) -> int:
-    """32 for a small model, else the largest of 128 and 64 that divides every layer's input width (AWQ needs it)."""
-    widths = (config.hidden_size, getattr(config, "intermediate_size", config.hidden_size))
-    if config.hidden_size < 512:
-        return 32
-    return next((size for size in (128, 64) if all(width % size == 0 for width in widths)), 32)
 
 
 def tokenizer_for(path: Path | None, vocab_size: int) -> Callable[[str], list[int]]:
@@ -569,8 +518,8 @@ def _check(options: TrainOptions) -> None:
         raise UsageError(f"--alpha {options.alpha} must be a finite number, e.g. 32")
     if not (options.lr > 0 and math.isfinite(options.lr)):
         raise UsageError(f"--lr {options.lr} must be a positive number, e.g. 3e-3")
-    if options.quant not in QUANTS:
-        raise UsageError(f"--quant {options.quant!r} is not one of {', '.join(QUANTS)}")
+    if options.quant not in quant_names():
+        raise UsageError(f"--quant {options.quant!r} is not one of {', '.join(quant_names())}")
     name = None if options.model is None else str(options.model)
     if name is not None and name not in TINY_NAMES + (DEFAULT_MODEL,) and not Path(name).exists() \
             and not (isinstance(options.model, str) and HUB_ID.match(name)):

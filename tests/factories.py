@@ -13,8 +13,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora_inject.backends.bnb import never_repack
-
 # in_features a multiple of the 4-bit blocksize: bitsandbytes 0.50's CPU dequantize_4bit mis-reads
 # blocks that straddle rows (see tests/backends/test_bnb.py), as real model shapes never do.
 IN_FEATURES, OUT_FEATURES = 128, 64
@@ -93,34 +91,14 @@ def tiny_llama_dir() -> Path:
 
 def load_tiny_llama(quant: str = "none", compute_dtype: torch.dtype = torch.float32,
                     dtype: torch.dtype | None = None) -> nn.Module:
-    """The tiny Llama: 'none', or loaded through transformers as 'nf4', 'fp4', 'int8' (bitsandbytes, CPU),
-    or with every linear but the head quantized by its library as 'hqq', 'gptq' or 'awq'.
+    """The tiny Llama in format `quant`, loaded as the library loads that format (`pretrained.load_model`:
+    bitsandbytes through transformers, on the CPU, never repacked; the others quantized by their library).
 
-    `compute_dtype` is bitsandbytes' 4-bit compute dtype; `dtype`, where given, the activations' (the
+    `compute_dtype` is the quantized layers' compute dtype; `dtype`, where given, the activations' (the
     non-quantized weights' dtype, transformers' `dtype=`)."""
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+    from qlora_inject.pretrained import load_model
 
-    if quant in ("hqq", "gptq", "awq"):
-        from qlora_inject.quantize import quantize_model
-
-        return quantize_model(LlamaForCausalLM.from_pretrained(tiny_llama_dir()), quant, group_size=32)
-    configs = {
-        "none": None,
-        "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype),
-        "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=compute_dtype),
-        "int8": BitsAndBytesConfig(load_in_8bit=True),
-    }
-    quantization = configs[quant]
-    activations = {} if dtype is None else {"dtype": dtype}
-    if quantization is None:
-        return LlamaForCausalLM.from_pretrained(tiny_llama_dir(), **activations)
-    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir(), quantization_config=quantization, device_map="cpu",
-                                             **activations)
-    # bitsandbytes would repack 4-bit weights for a bf16 CPU kernel on the first eval-mode forward
-    # (AVX512-BF16 machines), changing that model's numerics; wrapped layers never repack, so a
-    # model compared with ours (PEFT's, or the bare base) must not either.
-    return never_repack(model)
+    return load_model(tiny_llama_dir(), quant, compute_dtype=compute_dtype, dtype=dtype)
 
 
 def make_hqq(nbits: int = 4, group_size: int = 64, axis: int = 1, dtype: torch.dtype = torch.bfloat16,
@@ -135,7 +113,7 @@ def make_hqq(nbits: int = 4, group_size: int = 64, axis: int = 1, dtype: torch.d
 def make_gptq(bits: int = 4, group_size: int = 32, sym: bool = True, act_order: bool = False,
               dtype: torch.dtype = torch.float16) -> nn.Module:
     """A GPTQModel `TorchLinear` packed by GPTQModel (true zero points)."""
-    from qlora_inject.quantize import gptq_linear
+    from qlora_inject.backends.gptq import gptq_linear
 
     g_idx = torch.arange(IN_FEATURES, dtype=torch.int32) // (IN_FEATURES if group_size == -1 else group_size)
     if act_order:
@@ -146,7 +124,7 @@ def make_gptq(bits: int = 4, group_size: int = 32, sym: bool = True, act_order: 
 
 def make_awq(bits: int = 4, group_size: int = 32, dtype: torch.dtype = torch.float16) -> nn.Module:
     """A GPTQModel `AwqTorchLinear` (GEMM layout) packed by GPTQModel."""
-    from qlora_inject.quantize import awq_linear
+    from qlora_inject.backends.awq import awq_linear
 
     return _with_scales_dtype(awq_linear(make_dense(), bits, group_size), dtype)
 
@@ -187,8 +165,9 @@ def _with_scales_dtype(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
     return layer
 
 
-# One small layer per format, as built by its library, and the package each needs.
-FORMAT_LAYERS = {
+# The built-in formats' small layers, each built directly by its library with the tests' settings, and
+# variants of them (outlier threshold, act-order, AutoAWQ's own module), with the package each needs.
+BUILT_IN_LAYERS = {
     "dense": (lambda: make_dense(), None),
     "nf4": (lambda: make_bnb4("nf4", True), "bitsandbytes"),
     "fp4": (lambda: make_bnb4("fp4", False), "bitsandbytes"),
@@ -200,6 +179,28 @@ FORMAT_LAYERS = {
     "awq": (lambda: make_awq(4, 32, dtype=torch.float32), "gptqmodel"),
     "autoawq": (lambda: make_autoawq("gemm", 32, dtype=torch.float32), "awq"),
 }
+
+
+def _format_layers() -> dict:
+    """One small layer per registered format (`quantize_linear` of the fixed dense weight) and the package it
+    needs, the built-ins' taken from above: a format registered before the tests are collected (a plugin,
+    e.g. `pytest -p toy_format`) is in every test parametrised over `FORMAT_LAYERS`."""
+    from qlora_inject.quantize import quantize_linear
+    from qlora_inject.registry import format_for, quantized_names
+
+    derived = {quant: (lambda q=quant: quantize_linear(make_dense(), q, group_size=32), format_for(quant).package)
+               for quant in quantized_names()}
+    return {**BUILT_IN_LAYERS, **{quant: entry for quant, entry in derived.items() if quant not in BUILT_IN_LAYERS}}
+
+
+FORMAT_LAYERS = _format_layers()
+
+def registered_formats() -> tuple[str, ...]:
+    """Every registered format by the name `FORMAT_LAYERS` gives it: `dense`, then each quantized format's names
+    (no variants)."""
+    from qlora_inject.registry import quantized_names
+
+    return ("dense", *quantized_names())
 
 
 def format_params(*names: str) -> list:

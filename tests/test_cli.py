@@ -70,9 +70,10 @@ def test_training_with_fused_ops_follows_the_unfused_run(tmp_path):
 def test_inspect_lists_modules_and_changes_nothing(capsys):
     assert run("inspect", "builtin", "--quant", "nf4", "--target-modules", "q_proj,v_proj") == 0
     out = capsys.readouterr().out
-    assert "| model.layers.0.self_attn.q_proj | Linear4bit | bnb-4bit | 256 | 256 | yes |" in out
-    assert "| model.layers.0.mlp.up_proj | Linear4bit | bnb-4bit | 256 | 1024 | no: not in target_modules |" in out
-    assert "| lm_head | Linear | dense | 256 | 256 | no: not in target_modules |" in out
+    assert "| model.layers.0.self_attn.q_proj | Linear4bit | nf4 | bnb-4bit | 256 | 256 | yes |" in out
+    skipped = "no: not in target_modules"
+    assert f"| model.layers.0.mlp.up_proj | Linear4bit | nf4 | bnb-4bit | 256 | 1024 | {skipped} |" in out
+    assert f"| lm_head | Linear | none | dense | 256 | 256 | {skipped} |" in out
     assert "8 of 29 modules would be wrapped" in out
 
 

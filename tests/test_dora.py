@@ -9,10 +9,10 @@ from qlora_inject import LoraConfig, inject
 from qlora_inject.dora import DoraVariant
 
 from factories import FORMAT_LAYERS as LAYERS
-from factories import IN_FEATURES, Holder, format_params, make_dense
+from factories import IN_FEATURES, Holder, format_params, make_dense, registered_formats
 from parity import TOL, assert_matches_peft
 
-PARAMS = format_params("dense", "nf4", "int8", "hqq", "gptq", "awq")
+PARAMS = format_params(*registered_formats())                      # each registered format, fp4 too
 
 
 @pytest.mark.parametrize("fmt", format_params("dense", "nf4", "int8", "hqq"))   # PEFT refuses DoRA on GPTQ, AWQ

@@ -18,7 +18,7 @@ from qlora_inject.registry import base_forward_is_exact
 
 from factories import FORMAT_LAYERS, IN_FEATURES, Holder, format_params
 
-FUSED_FORMATS = ("dense", "nf4", "fp4", "int8", "int8-outliers", "hqq", "gptq", "gptq-act-order", "awq")
+FUSED_FORMATS = list(FORMAT_LAYERS)                                 # every registered format and variant
 
 
 def _wrapped(fmt: str, **config) -> Holder:

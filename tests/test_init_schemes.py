@@ -10,9 +10,9 @@ from qlora_inject import LoraConfig, find_backend, inject
 
 from conftest import requires
 from factories import FORMAT_LAYERS as LAYERS
-from factories import IN_FEATURES, Holder, dense_weight, format_params, make_bnb4, make_dense
+from factories import IN_FEATURES, Holder, dense_weight, format_params, make_bnb4, make_dense, registered_formats
 
-PARAMS = format_params("dense", "nf4", "int8", "hqq", "gptq", "awq")
+PARAMS = format_params(*registered_formats())                      # each registered format, fp4 too
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

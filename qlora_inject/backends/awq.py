@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from qlora_inject.backends.gptq import can_train, is_gptqmodel_layer, methods_of
 from qlora_inject.kernels.dequant_gptq import dequantize_awq_gemm, dequantize_awq_gemv
 from qlora_inject.kernels.dequant_matmul import dequantized_linear
+from qlora_inject.quantize import float_copy, linear_from, rtn_groupwise
 from qlora_inject.registry import BackendBase, class_is
 
 
@@ -41,6 +42,9 @@ class AwqBackend(BackendBase):
     """AWQ at 2–8 bits (GPTQModel) or 4 bits (AutoAWQ), GEMM and GEMV layouts."""
 
     name = "awq"
+    quant_names = ("awq",)
+    package = "gptqmodel"
+    install = "pip install 'qlora-inject[gptq]'"
 
     def matches(self, module: nn.Module) -> bool:
         if is_gptqmodel_layer(module):
@@ -81,7 +85,32 @@ class AwqBackend(BackendBase):
             return F.linear(x, weight.t().to(x.dtype), None if bias is None else bias.to(x.dtype))
         return self.forward(module, x)
 
-    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
-        from qlora_inject.quantize import requantize_like_awq
+    def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                 group_size: int = 128, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
+        """A GPTQModel `AwqTorchLinear` (asymmetric, round-to-nearest: no activation-aware scaling) of `linear`."""
+        return awq_linear(linear, bits=bits, group_size=group_size).to(device)
 
-        return requantize_like_awq(module, weight)
+    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
+        """A GPTQModel `AwqTorchLinear` with `module`'s bits and group size, holding `weight`."""
+        self.check_weight_shape(module, weight)
+        source = linear_from(weight, getattr(module, "bias", None))
+        return awq_linear(source, bits=_bits(module), group_size=module.group_size).to(module.qweight.device)
+
+
+def awq_linear(linear: nn.Linear, bits: int = 4, group_size: int = 128) -> nn.Module:
+    """A GPTQModel `AwqTorchLinear` (GEMM layout, trainable on every device) packed by GPTQModel."""
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    in_features, out_features = linear.in_features, linear.out_features
+    size = in_features if group_size == -1 else group_size
+    groups = torch.arange(in_features) // size
+    scales, zeros, dequantized = rtn_groupwise(linear.weight.detach(), bits, groups, sym=False)
+    source = float_copy(linear)
+    with torch.no_grad():
+        source.weight.copy_(dequantized)                     # AWQ's pack does not clamp: give it the grid values
+    layer = AwqTorchLinear(bits=bits, group_size=group_size, sym=False, desc_act=False, in_features=in_features,
+                           out_features=out_features, bias=linear.bias is not None, register_buffers=True)
+    with torch.no_grad():
+        layer.pack(source, scales, zeros)
+    layer.post_init()
+    return layer

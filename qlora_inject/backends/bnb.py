@@ -38,6 +38,10 @@ class Bnb4bitBackend(BackendBase):
     """
 
     name = "bnb-4bit"
+    quant_names = ("nf4", "fp4")
+    package = "bitsandbytes"
+    install = "pip install 'qlora-inject[bnb]'"
+    saved_by_transformers = True
 
     def matches(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
@@ -47,6 +51,10 @@ class Bnb4bitBackend(BackendBase):
 
     def check(self, module: nn.Module) -> None:
         _refuse_repacked(module)
+
+    def quant_name(self, module: nn.Module) -> str:
+        state = _find_quant_state(module)
+        return getattr(state, "quant_type", None) or getattr(module.weight, "quant_type", None) or "nf4"
 
     def adopt(self, module: nn.Module) -> None:
         _opt_out_of_repack(module)
@@ -83,6 +91,29 @@ class Bnb4bitBackend(BackendBase):
         _refuse_repacked(module)
         return module(x)
 
+    def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                 group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
+        """A `Linear4bit` (`quant`: nf4 or fp4, double-quantized, blocksize 64) of `linear`'s weight."""
+        bnb = _import_bnb()
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=compute_dtype, quant_type=quant, compress_statistics=True,
+                                  device="meta")
+        layer.weight = bnb.nn.Params4bit(linear.weight.detach().to("cpu", compute_dtype), requires_grad=False,
+                                         quant_type=quant, compress_statistics=True)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().to(compute_dtype).clone(), requires_grad=False)
+        return layer.to(device)                                               # bnb quantizes here
+
+    def load_causal_lm(self, path, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                       dtype: torch.dtype | None = None, shardable: bool = False, group_size: int | None = None):
+        """Loaded by transformers with a `BitsAndBytesConfig` (`nf4` double-quantized; `shardable`: weights
+        stored as float32, which FSDP shards), on this process's GPU or the CPU, never repacked."""
+        settings = dict(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_compute_dtype=compute_dtype,
+                        bnb_4bit_use_double_quant=quant == "nf4")
+        if shardable:
+            settings["bnb_4bit_quant_storage"] = torch.float32
+        return _load_with_bitsandbytes(path, settings, dtype)
+
     def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
         bnb = _import_bnb()
         state = _quant_state(module)
@@ -113,6 +144,10 @@ class Bnb8bitBackend(BackendBase):
     """
 
     name = "bnb-8bit"
+    quant_names = ("int8",)
+    package = "bitsandbytes"
+    install = "pip install 'qlora-inject[bnb]'"
+    saved_by_transformers = True
 
     def matches(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
@@ -145,6 +180,23 @@ class Bnb8bitBackend(BackendBase):
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return module(x)
 
+    def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                 group_size: int = 64, bits: int = 8, device: str | torch.device = "cpu") -> nn.Module:
+        """A `Linear8bitLt` (row-wise int8, no outlier threshold) of `linear`'s weight."""
+        bnb = _import_bnb()
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                    has_fp16_weights=False, threshold=0.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(linear.weight.detach().to("cpu", torch.float16), requires_grad=False,
+                                         has_fp16_weights=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer.to(device)                                               # bnb quantizes here
+
+    def load_causal_lm(self, path, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                       dtype: torch.dtype | None = None, shardable: bool = False, group_size: int | None = None):
+        """Loaded by transformers with `BitsAndBytesConfig(load_in_8bit=True)` (FSDP cannot shard int8 weights)."""
+        return _load_with_bitsandbytes(path, dict(load_in_8bit=True), dtype)
+
     def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
         bnb = _import_bnb()
         in_features, out_features = self.features(module)
@@ -159,6 +211,17 @@ class Bnb8bitBackend(BackendBase):
         if module.bias is not None:
             new.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=module.bias.requires_grad)
         return new
+
+
+def _load_with_bitsandbytes(path, settings: dict, dtype: torch.dtype | None):
+    """A causal LM quantized by transformers' bitsandbytes integration on this rank's GPU (or the CPU), its
+    4-bit layers told never to repack, so an eval-mode forward (a fusion probe, scoring) keeps them trainable."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**settings),
+                                                 device_map=device, **({} if dtype is None else {"dtype": dtype}))
+    return never_repack(model)
 
 
 @functools.cache

@@ -19,6 +19,8 @@ class DenseBackend(BackendBase):
     """`nn.Linear` and `Conv1D`: the weight is the dense weight."""
 
     name = "dense"
+    quant_names = ("none",)
+    saved_by_transformers = True
 
     def matches(self, module: nn.Module) -> bool:
         # A Linear whose weight is a Parameter subclass (Params4bit, Int8Params, …) is quantized.
@@ -43,3 +45,18 @@ class DenseBackend(BackendBase):
         with torch.no_grad():
             new.weight.copy_(weight.t() if is_conv1d(module) else weight)
         return new
+
+    def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                 group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
+        """The `none` format: a dense copy of `linear` in `compute_dtype`."""
+        from qlora_inject.quantize import linear_from
+
+        bias = None if linear.bias is None else linear.bias.detach()
+        return linear_from(linear.weight.detach(), bias, compute_dtype, device)
+
+    def load_causal_lm(self, path, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                       dtype: torch.dtype | None = None, shardable: bool = False, group_size: int | None = None):
+        """The model as stored (in `dtype` where given)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))

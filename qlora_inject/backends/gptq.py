@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from qlora_inject.kernels.dequant_gptq import dequantize_gptq
 from qlora_inject.kernels.dequant_matmul import dequantized_linear
+from qlora_inject.quantize import float_copy, linear_from, rtn_groupwise
 from qlora_inject.registry import BackendBase, class_is
 
 GPTQ_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
@@ -54,6 +55,9 @@ class GptqBackend(BackendBase):
     """GPTQ at 2, 3, 4 and 8 bits, any group size, act-order `g_idx`, v1 or v2 zero points."""
 
     name = "gptq"
+    quant_names = ("gptq",)
+    package = "gptqmodel"
+    install = "pip install 'qlora-inject[gptq]'"
 
     def matches(self, module: nn.Module) -> bool:
         if is_gptqmodel_layer(module):
@@ -73,7 +77,34 @@ class GptqBackend(BackendBase):
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return run_or_fall_back(module, x, self)
 
-    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
-        from qlora_inject.quantize import requantize_like_gptq
+    def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                 group_size: int = 128, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
+        """A GPTQModel `TorchLinear` (symmetric, round-to-nearest: no calibration) of `linear`'s weight."""
+        return gptq_linear(linear, bits=bits, group_size=group_size).to(device)
 
-        return requantize_like_gptq(module, weight, self.zero_offset(module))
+    def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
+        """A GPTQModel `TorchLinear` with `module`'s bits, groups (same `g_idx`) and symmetry, holding `weight`."""
+        self.check_weight_shape(module, weight)
+        source = linear_from(weight, getattr(module, "bias", None))
+        group_size = getattr(module, "requested_group_size", None) or module.group_size
+        return gptq_linear(source, bits=module.bits, group_size=group_size, sym=bool(getattr(module, "sym", True)),
+                           desc_act=bool(getattr(module, "desc_act", False)), g_idx=module.g_idx.cpu()
+                           ).to(module.qweight.device)
+
+
+def gptq_linear(linear: nn.Linear, bits: int = 4, group_size: int = 128, sym: bool = True, desc_act: bool = False,
+                g_idx: torch.Tensor | None = None) -> nn.Module:
+    """A GPTQModel `TorchLinear` (true zero points, trainable on every device) packed by GPTQModel."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    in_features, out_features = linear.in_features, linear.out_features
+    if g_idx is None:
+        g_idx = torch.arange(in_features, dtype=torch.int32) // (in_features if group_size == -1 else group_size)
+    scales, zeros, _ = rtn_groupwise(linear.weight.detach(), bits, g_idx, sym)
+    layer = TorchLinear(bits=bits, group_size=group_size, sym=sym, desc_act=desc_act, in_features=in_features,
+                        out_features=out_features, bias=linear.bias is not None, pack_dtype=torch.int32)
+    with torch.no_grad():
+        layer.pack_original(float_copy(linear), scales, zeros, g_idx.to(torch.int32))
+    layer.optimized = True                                   # no torch.compile of its dequantizer
+    layer.post_init()
+    return layer

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from qlora_inject.kernels.dequant_hqq import dequantize_hqq
+from qlora_inject.quantize import float_copy
 from qlora_inject.registry import BackendBase, class_is
 
 
@@ -18,6 +19,9 @@ class HqqBackend(BackendBase):
     """`HQQLinear`, 1–8 bits, either axis, quantized or offloaded meta data."""
 
     name = "hqq"
+    quant_names = ("hqq",)
+    package = "hqq"
+    install = "pip install 'qlora-inject[hqq]'"
 
     def matches(self, module: nn.Module) -> bool:
         return class_is(module, "HQQLinear", "hqq") or (
@@ -40,11 +44,19 @@ class HqqBackend(BackendBase):
     def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         return dequantize_hqq(module.W_q, module.meta, out=out)                    # (out, in), compute dtype
 
+    def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
+                 group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
+        """An `HQQLinear` (`bits`, `group_size`, hqq's own optimizer) of `linear`'s weight."""
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        return HQQLinear(float_copy(linear), BaseQuantizeConfig(nbits=bits, group_size=group_size),
+                         compute_dtype=compute_dtype, device=str(device))
+
     def requantize(self, module: nn.Module, weight: Tensor) -> nn.Module:
         try:
             from hqq.core.quantize import HQQLinear
         except ImportError as err:
-            raise ImportError("requantizing an HQQ layer needs hqq: pip install 'qlora-inject[hqq]'") from err
+            raise ImportError(f"requantizing an HQQ layer needs hqq: {self.install}") from err
         self.check_weight_shape(module, weight)
         config = dict(module.quant_config, offload_meta=bool(module.offload_meta))
         device = module.W_q.device
