@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 ORDER = ("none", "nf4", "fp4", "int8", "hqq", "gptq", "awq")   # the table's order; other registered formats follow
 
@@ -63,6 +66,7 @@ class QualityWorkload:
     steps: int = 30                                    # the default job's
     seed: int = 0
     own_process: bool = True                           # each format in a fresh process (its own peak memory)
+    threads: int | None = None                         # torch's intra-op threads (None: torch's default)
 
 
 @dataclass(frozen=True)
@@ -96,11 +100,22 @@ class QualityResult:
 def measure_format(quant: str, workload: QualityWorkload = QualityWorkload(),
                    log: Callable[[str], None] = print) -> QualityResult:
     """Run the default job in format `quant` in this process, then score its merges (see the module doc)."""
+    from qlora_inject import train
+
+    source = train.model_source(None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(workload.threads or threads)
+    try:
+        return _measure_format(quant, workload, log, source)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_format(quant: str, workload: QualityWorkload, log: Callable[[str], None], source: Path) -> QualityResult:
     from qlora_inject import date_task, train
     from qlora_inject.model import LoraModel
     from qlora_inject.quantize import default_group_size
 
-    source = train.model_source(None)
     with tempfile.TemporaryDirectory(prefix="qlora-inject-quality-") as tmp:
         options = train.TrainOptions(quant=quant, steps=workload.steps, seed=workload.seed, output=Path(tmp),
                                      save_every=workload.steps + 1, progress=False)
@@ -183,8 +198,10 @@ def _in_own_process(quant: str, workload: QualityWorkload) -> QualityResult:
     """
     with tempfile.TemporaryDirectory(prefix="qlora-inject-quality-") as tmp:
         path = Path(tmp) / "result.json"
+        threads = [] if workload.threads is None else ["--threads", str(workload.threads)]
         done = subprocess.run([sys.executable, "-m", "qlora_inject.quality", quant, "--steps", str(workload.steps),
-                               "--seed", str(workload.seed), "--json", str(path)], capture_output=True, text=True)
+                               "--seed", str(workload.seed), *threads, "--json", str(path)], capture_output=True,
+                              text=True)
         if done.returncode or not path.is_file():
             tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
             raise RuntimeError(f"the {quant} run failed (exit status {done.returncode}):\n{tail}")
@@ -217,7 +234,8 @@ def quality_report(workload: QualityWorkload, results: Sequence[QualityResult], 
         f"every linear layer, {workload.steps} steps of 8 date examples, lr 3e-3, seed {workload.seed}) in each "
         "format, scored on the same 48 held-out dates (answer loss; exact match under greedy decoding).",
         "",
-        f"machine: {machine()}{'; ' + load if load else ''}",
+        f"machine: {machine()}{'; ' + load if load else ''}; torch threads: "
+        f"{workload.threads or 'default (' + str(torch.get_num_threads()) + ')'}",
         "base: the quantized model before training; tuned: with the adapter; merged in format: "
         "requantize(dequantize(W) + s·BA) (`merge_adapter`), gain kept = (base − merged) / (base − tuned); "
         "merged dense: `merge_and_unload(dequantize=True)`; tokens/s: training, padded batch tokens; peak RSS: "
@@ -269,15 +287,36 @@ def save_quality(directory: Path, workload: QualityWorkload, results: Sequence[Q
     return text
 
 
+def cpu_note() -> str:
+    """The vector extensions the CPU kernels can use, and the load average now (other jobs share the cores)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    wanted = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {name}" in flags]
+    return f"CPU flags {', '.join(wanted) or 'unknown'}; load average {os.getloadavg()[0]:.1f}"
+
+
+def benchmark(workload: QualityWorkload, output: Path, log: Callable[[str], None] = print) -> str:
+    """Run `workload`, write quality.md/.png/.json into `output`, and return the report (what
+    `qlora-inject bench --quality` and `benchmarks/bench_quality.py` do)."""
+    start = cpu_note()
+    results, failures = run_quality(workload, log)
+    load = f"{start} at the start, {os.getloadavg()[0]:.1f} at the end"
+    return save_quality(output, workload, results, failures, load)
+
+
 def _main(argv: list[str] | None = None) -> int:
     """One format in this process (what `run_quality` starts): writes its `QualityResult` as JSON."""
     parser = argparse.ArgumentParser(prog="python -m qlora_inject.quality")
     parser.add_argument("quant")
     parser.add_argument("--steps", type=int, default=QualityWorkload.steps)
     parser.add_argument("--seed", type=int, default=QualityWorkload.seed)
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args(argv)
-    result = measure_format(args.quant, QualityWorkload((args.quant,), args.steps, args.seed, own_process=False))
+    result = measure_format(args.quant, QualityWorkload((args.quant,), args.steps, args.seed, own_process=False,
+                                                        threads=args.threads))
     args.json.write_text(json.dumps(asdict(result)))
     return 0
 
