@@ -18,7 +18,6 @@ from qlora_inject.inject import (
     WrappedModule,
     adapter_names,
     delete_adapter,
-    freeze_base,
     inject,
     set_active_adapters,
 )
@@ -28,17 +27,20 @@ from qlora_inject.merge_report import MergeGain, measure_merge
 from qlora_inject.model import LoraModel
 from qlora_inject.modules_to_save import ModulesToSaveWrapper
 from qlora_inject.pretrained import load_quantized, model_directory
+from qlora_inject.quantize import quantize_model
 from qlora_inject.registry import (
     Backend,
     BackendBase,
     UnsupportedModuleError,
     backend_names,
     find_backend,
+    format_for,
     get_backend,
+    quant_names,
     register_backend,
     unregister_backend,
 )
-from qlora_inject.targeting import TargetNotFoundError, explain, select
+from qlora_inject.targeting import TargetNotFoundError
 
 __version__ = "0.1.0"
 
@@ -60,9 +62,8 @@ __all__ = [
     "backend_names",
     "causal_lm_loss",
     "delete_adapter",
-    "explain",
     "find_backend",
-    "freeze_base",
+    "format_for",
     "fsdp_wrap_policy",
     "fuse_llama_ops",
     "get_backend",
@@ -71,11 +72,12 @@ __all__ = [
     "why_not_chunked",
     "load_quantized",
     "measure_merge",
+    "quant_names",
+    "quantize_model",
     "model_directory",
     "read_adapter",
     "register_backend",
     "save_adapter",
-    "select",
     "set_active_adapters",
     "shard",
     "unfuse_llama_ops",

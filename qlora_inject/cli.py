@@ -139,7 +139,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     from qlora_inject.bench import markdown_table
     from qlora_inject.config import LoraConfig
     from qlora_inject.registry import find_backend
-    from qlora_inject.targeting import explain, iter_modules, name_matches, output_head_names, resolve_targets
+    from qlora_inject.targeting import iter_modules, name_matches, output_head_names, resolve_targets, why_not_targeted
 
     model = _load(args.model, args.quant)
     spec = args.target_modules if args.target_modules == "all-linear" else \
@@ -152,7 +152,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         backend = find_backend(module)
         if backend is None and not (targets != "all-linear" and name_matches(name, targets)):
             continue
-        reason = explain(name, module, config, targets, heads)
+        reason = why_not_targeted(name, module, config, targets, heads)
         if backend is None:
             reason = f"no backend handles {type(module).__name__}"
         in_features, out_features = backend.features(module) if backend else ("—", "—")

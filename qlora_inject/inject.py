@@ -18,7 +18,7 @@ from qlora_inject.lora import BASE_ADAPTER, AdapterSpec, LoraLinear
 from qlora_inject.modules_to_save import ModulesToSaveWrapper, check_trainable_in_full
 from qlora_inject.registry import check_wrappable, require_backend
 from qlora_inject.selfcheck import layer_key, verify_layout
-from qlora_inject.targeting import iter_modules, name_matches, replace_module, select
+from qlora_inject.targeting import iter_modules, name_matches, replace_module, select_targets
 
 RESERVED_ADAPTER_NAMES = (BASE_ADAPTER,)                                   # means "no adapter" in a mixed batch
 
@@ -104,7 +104,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
     # 1. Plan: decide everything and build every new module, touching nothing.
     plan = []
     checked: set[tuple] = set()
-    for name, module in select(model, config):
+    for name, module in select_targets(model, config):
         if isinstance(module, LoraLinear):
             wrapper = module
         else:
@@ -151,7 +151,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default") 
             replace_module(model, name, wrapper)
         report.modules_to_save.append(name)
 
-    freeze_base(model, config.bias)
+    mark_only_adapters_trainable(model, config.bias)
     set_active_adapters(model, active)
     return report
 
@@ -163,7 +163,7 @@ def set_active_adapters(model: nn.Module, names: list[str]) -> None:
             module.set_adapter(names)
 
 
-def freeze_base(model: nn.Module, bias: str) -> None:
+def mark_only_adapters_trainable(model: nn.Module, bias: str) -> None:
     """Freeze everything except adapters, modules to save, and biases per `bias`."""
     adapters = {id(param) for module in model.modules() if isinstance(module, (LoraLinear, ModulesToSaveWrapper))
                 for name in module.adapters for param in module.adapter_parameters(name)}

@@ -105,8 +105,8 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
     return None
 
 
-def explain(name: str, module: nn.Module, config: LoraConfig, targets: list[str] | str,
-            head_names: set[str]) -> str | None:
+def why_not_targeted(name: str, module: nn.Module, config: LoraConfig, targets: list[str] | str,
+                     head_names: set[str]) -> str | None:
     """None when the module is targeted; otherwise the reason it is not."""
     if targets == "all-linear":
         if not isinstance(module, LoraLinear) and find_backend(module) is None:
@@ -126,7 +126,7 @@ def explain(name: str, module: nn.Module, config: LoraConfig, targets: list[str]
     return None
 
 
-def select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+def select_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The `(name, module)` pairs the config targets, in model order.
 
     Raises:
@@ -137,7 +137,8 @@ def select(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     modules = list(iter_modules(model))
     _check_every_target_exists(targets, [name for name, _ in modules])
     heads = output_head_names(model) if targets == "all-linear" else set()
-    return [(name, module) for name, module in modules if explain(name, module, config, targets, heads) is None]
+    return [(name, module) for name, module in modules
+            if why_not_targeted(name, module, config, targets, heads) is None]
 
 
 def _check_every_target_exists(targets: list[str] | str, names: list[str]) -> None:

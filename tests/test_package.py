@@ -42,3 +42,17 @@ def test_every_name_readme_uses_with_qi_is_exported():
     missing = sorted(name for name in used if name not in qi.__all__ and name != "distributed")
     assert used and not missing, f"README uses qi.{missing} which qlora_inject.__all__ does not export"
     assert all(hasattr(qi, name) for name in qi.__all__)
+
+
+def test_readme_api_table_lists_exactly_what_the_package_exports():
+    import re
+    from pathlib import Path
+
+    import qlora_inject as qi
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    listed = {name for row in section.splitlines() if row.startswith("| `")
+              for name in re.findall(r"`(\w+)`", row.split(" | ")[0])}
+    assert listed == set(qi.__all__), (f"README's API table lacks {sorted(set(qi.__all__) - listed)}, "
+                                       f"lists unexported {sorted(listed - set(qi.__all__))}")

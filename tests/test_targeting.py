@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qlora_inject import LoraConfig, TargetNotFoundError, select
-from qlora_inject.targeting import layer_index
+from qlora_inject import LoraConfig, TargetNotFoundError
+from qlora_inject.targeting import layer_index, select_targets
 
 from conftest import requires
 from factories import LLAMA_PROJECTIONS, load_tiny_llama
@@ -19,7 +19,7 @@ def llama():
 
 
 def names(model, **config):
-    return [name for name, _ in select(model, LoraConfig(**config))]
+    return [name for name, _ in select_targets(model, LoraConfig(**config))]
 
 
 def test_suffix_list(llama):
@@ -72,9 +72,9 @@ def test_default_targets_come_from_model_type(llama):
 
 def test_misspelt_target_suggests_close_names(llama):
     with pytest.raises(TargetNotFoundError, match=r"'q_porj' matches no module.*did you mean \['q_proj'"):
-        select(llama, LoraConfig(target_modules=["q_proj", "q_porj"]))
+        select_targets(llama, LoraConfig(target_modules=["q_proj", "q_porj"]))
 
 
 def test_regex_matching_nothing_is_refused(llama):
     with pytest.raises(TargetNotFoundError, match=r"regex 'q_proj' matches no module name; it must match a whole"):
-        select(llama, LoraConfig(target_modules="q_proj"))
+        select_targets(llama, LoraConfig(target_modules="q_proj"))
