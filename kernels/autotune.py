@@ -7,12 +7,16 @@ output buffer's dtype, size to the nearest power of two, torch's thread count) â
 candidate (the numba kernel where it applies); the second time, every candidate path on that very
 weight, interleaved, keeping the fastest for the rest of the process. (A class used only once, as
 by the injection-time self-check or a merge, is never worth a measurement that runs the slow twin.)
-Every candidate computes the same bits (the numba kernels at each thread count, the pure-torch twin,
-and the owning library's own dequantization where it is bit-identical), so the choice changes the
-speed and never the result.
+Every dequantization candidate computes the same bits (the numba kernels at each thread count, the
+pure-torch twin, and the owning library's own dequantization where it is bit-identical), so that
+choice changes the speed and never the result. The fused op's base products are chosen the same way
+between the whole dense weight (`torch`) and tiles of rows (`numba-tiles`, `dequant_matmul_tiled`),
+which agree within the bound stated there (the same fp32 sums per output column, the input gradient
+summed in another order).
 
 `QLORA_INJECT_KERNEL=numba|torch|auto` overrides the choice (for debugging; `auto` is the default):
-`numba` runs the numba kernel at torch's thread count whenever it applies, `torch` the torch twin.
+`numba` runs the numba kernel at torch's thread count whenever it applies (and the tiled products),
+`torch` the torch twin (and the whole-weight products).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ ENV = "QLORA_INJECT_KERNEL"
 _choices: dict[tuple, str] = {}
 _seen: set[tuple] = set()                                               # classes used once, not yet measured
 _timings: dict[tuple, dict[str, float]] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()                                               # re-entrant: a measured candidate (the tiled
+                                                                        # product) dispatches a measured dequantization
 
 
 def mode() -> str:

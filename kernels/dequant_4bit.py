@@ -14,13 +14,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from qlora_inject.kernels import autotune, dequant_cpu, triton_runs
+from qlora_inject.kernels import autotune, dequant_cpu, dequant_matmul_tiled, triton_runs
 
 
 def dequantize_blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int) -> Tensor:
-    """Dequantize 8-bit blockwise codes: `code[codes[i]] * absmax[i // blocksize]`, fp32."""
-    values = code.float()[codes.reshape(-1).long()]                          # (n,)
-    return _scale_blocks(values, absmax.float(), blocksize)
+    """Dequantize 8-bit blockwise codes: `code[codes[i]] * absmax[i // blocksize]`, fp32 (once per tiled
+    product, `dequant_matmul_tiled.once_per_product`: double quantization's absmax for every tile)."""
+    def decode() -> Tensor:
+        values = code.float()[codes.reshape(-1).long()]                      # (n,)
+        return _scale_blocks(values, absmax.float(), blocksize)
+
+    key = tuple((t.data_ptr(), t._version, t.numel()) for t in (codes, code, absmax)) + (blocksize,)
+    return dequant_matmul_tiled.once_per_product(key, decode)
 
 
 def dequantize_4bit_torch(
@@ -81,13 +86,40 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     numel = math.prod(shape)
     paths: dict[str, Callable[[], Tensor]] = {}
     data = packed.contiguous().view(-1).view(torch.uint8)
-    if dequant_cpu.available() and data.numel() * 2 >= numel and absmax.numel() * blocksize >= numel:
+    fits = data.numel() * 2 >= numel and absmax.numel() * blocksize >= numel
+    request = dequant_matmul_tiled.requested_rows()
+    if request is not None and fits and len(shape) == 2 and dequant_cpu.available():
+        return _rows_of(request, data, absmax, code, blocksize, shape, dtype, out)
+    if dequant_cpu.available() and fits:
         paths.update(dequant_cpu.candidates(
             lambda: dequant_cpu.blockwise_4bit(data, absmax, code, blocksize, numel, dtype, out).view(shape)))
     paths["torch"] = twin
     if library is not None:
         paths["library"] = library
     return autotune.choose(autotune.shape_class("4bit", dtype, numel, out), paths)
+
+
+def _rows_of(request: dequant_matmul_tiled.RowRequest, data: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
+             shape: tuple[int, ...], dtype: torch.dtype, out: Tensor | None) -> Tensor:
+    """The tile of rows `request` asks for, by the numba kernel (a row range is whole absmax blocks
+    when its first element is a block's first, so tiles are a multiple of `blocksize / gcd(in, blocksize)`
+    rows); the request is marked honoured."""
+    rows, cols = shape
+    multiple = blocksize // math.gcd(cols, blocksize)
+    if request.start % multiple:
+        raise ValueError(f"a tile of a 4-bit weight with {cols} columns and blocks of {blocksize} starts at a "
+                         f"multiple of {multiple} rows, not at row {request.start}")
+    step = dequant_matmul_tiled.tile_rows(cols, torch.empty((), dtype=dtype).element_size(), multiple)
+    stop = min(rows, request.start + step)
+    first, count = request.start * cols, (stop - request.start) * cols
+    last = first + count
+    blocks = absmax[first // blocksize:-(-last // blocksize)]
+    # One thread: a tile is small, and a numba parallel region between two of torch's would make each
+    # OpenMP pool wait for the other's spinning threads (milliseconds per switch, with 2 per tile).
+    tile = dequant_cpu.with_threads(1, lambda: dequant_cpu.blockwise_4bit(data[first // 2:(last + 1) // 2], blocks,
+                                                                            code, blocksize, count, dtype, out))
+    request.stop, request.rows = stop, rows
+    return tile.view(stop - request.start, cols)
 
 
 def _scale_blocks(values: Tensor, absmax: Tensor, blocksize: int) -> Tensor:

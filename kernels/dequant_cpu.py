@@ -71,11 +71,12 @@ def candidates(call: Callable[[], Tensor]) -> dict[str, Callable[[], Tensor]]:
     """`call` (a numba kernel's wrapper) at the default thread count and at half of it, as named
     candidates for `autotune.choose`: on a loaded or memory-bound machine fewer threads can be faster."""
     counts = dict.fromkeys((default_threads(), max(1, default_threads() // 2)))
-    return {("numba" if n == default_threads() else f"numba-{n}-threads"): functools.partial(_with_threads, n, call)
+    return {("numba" if n == default_threads() else f"numba-{n}-threads"): functools.partial(with_threads, n, call)
             for n in counts}
 
 
-def _with_threads(count: int, call: Callable[[], Tensor]) -> Tensor:
+def with_threads(count: int, call: Callable[[], Tensor]) -> Tensor:
+    """`call()` with the numba kernels it runs on `count` threads."""
     _threads.count = count
     try:
         return call()

@@ -3,8 +3,9 @@
     y = x · Wᵀ + b + Σ_a s_a · (drop_a(x) · A_aᵀ) · B_aᵀ,        W = dequantize()
 
 Forward: the base weight is dequantized into a reused scratch (`kernels.workspace`), used for one
-matmul and dropped; each adapter's term is folded into that output with `addmm_` (no clone, no
-separate scale or add passes). Backward: W is dequantized again for the input gradient instead of
+matmul and dropped (or, where measured faster, a tile of rows at a time: `dequant_matmul_tiled`);
+each adapter's term is folded into that output with `addmm_` (no clone, no separate scale or add
+passes). Backward: W is dequantized again (whole or in tiles) for the input gradient instead of
 being kept. Saved for backward: the input, each adapter's dropout mask (bool) and its small
 `h_a = drop_a(x) · A_aᵀ` (tokens × r), and the adapter weights (parameters, not copies).
 A format whose forward is not `x · Wᵀ` (LLM.int8 rounds activations) passes its own forward;
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from qlora_inject.kernels import dequant_matmul_tiled
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,8 @@ class FusedLoraLinear(torch.autograd.Function):
         if own_forward is not None:                                           # the format's own numerics (bias in)
             out = own_forward(x)
             out = out.reshape(-1, out.shape[-1])
-        else:
-            weight = dequantize()                                             # (out, in), in the scratch
-            out = torch.mm(flat, weight.t().to(compute_dtype)) if bias is None else torch.addmm(
-                bias.to(compute_dtype), flat, weight.t().to(compute_dtype))  # (tokens, out)
-            del weight
+        else:                                                                 # W whole or in tiles, as measured
+            out = dequant_matmul_tiled.linear(flat, dequantize, compute_dtype, bias)   # (tokens, out)
         out = out.to(out_dtype)                                               # widen before any term is added
         lora_x = flat if lora_dtype == compute_dtype else flat_x.to(lora_dtype)
         hidden, masks = [], []
@@ -115,7 +115,7 @@ class FusedLoraLinear(torch.autograd.Function):
                 input_terms.append((gh, A.to(lora_dtype), mask, term.dropout))
         grad_x = None
         if needs_x:
-            grad_x = torch.mm(g, ctx.dequantize().to(dtype)).to(x.dtype)      # (tokens, in), re-dequantized
+            grad_x = dequant_matmul_tiled.grad_input(g, ctx.dequantize, dtype).to(x.dtype)  # (tokens, in)
             for gh, A, mask, p in input_terms:
                 if mask is None:
                     _add_product(grad_x, gh, A, 1.0)

@@ -212,3 +212,114 @@ def test_triton_mixed_adapter_shrink_expand_equals_its_torch_twin_under_the_inte
 @pytest.mark.parametrize("script", ["TRITON_CHECK", "GPTQ_AWQ_TRITON_CHECK", "HQQ_TRITON_CHECK", "LORA_TRITON_CHECK"])
 def test_compiled_triton_kernels_equal_their_torch_twins_on_cuda(script):
     run_kernel_check(globals()[script], device="cuda")
+
+
+def _nf4_weight(rows: int, cols: int):
+    """Random NF4-layout storage (blocks of 64) and its twin's dense weight, for the tiled products."""
+    from qlora_inject.kernels.dequant_4bit import dequantize_4bit, dequantize_4bit_torch
+    from qlora_inject.kernels.workspace import scratch
+
+    numel = rows * cols
+    packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8)
+    absmax = torch.rand(-(-numel // 64)) + 0.5
+    code = torch.linspace(-1, 1, 16)
+    calls = []
+
+    def dequantize(dtype: torch.dtype):
+        def run() -> torch.Tensor:
+            calls.append(1)
+            return dequantize_4bit(packed, absmax, code, 64, (rows, cols), dtype, out=scratch(numel, dtype, "cpu"))
+        return run
+
+    return dequantize, lambda dtype: dequantize_4bit_torch(packed, absmax, code, 64, (rows, cols), dtype), calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("rows", "cols"), [(300, 128), (37, 96), (64, 40)])
+def test_tiled_products_equal_the_whole_weight_within_the_stated_bound(rows, cols, dtype, monkeypatch):
+    from qlora_inject.kernels import dequant_cpu, dequant_matmul_tiled
+
+    if not dequant_cpu.available():
+        pytest.skip("the tiles are dequantized by the numba kernel: pip install numba")
+    monkeypatch.setattr(dequant_matmul_tiled, "TILE_BYTES", 4096)              # several tiles, a partial last one
+    dequantize, twin, calls = _nf4_weight(rows, cols)
+    weight = twin(dtype)
+    x, g, bias = torch.randn(5, cols, dtype=dtype), torch.randn(5, rows, dtype=dtype), torch.randn(rows)
+    out = dequant_matmul_tiled.linear_tiled(x, dequantize(dtype), dtype, bias)
+    assert len(calls) == -(-rows // dequant_matmul_tiled.tile_rows(cols, weight.element_size(), 2)) > 1
+    grad_x = dequant_matmul_tiled.grad_input_tiled(g, dequantize(dtype), dtype)
+    assert out.dtype == grad_x.dtype == dtype
+    expected_out = torch.addmm(bias.to(dtype), x, weight.t())
+    expected_grad = g @ weight
+    # fp32: a few ulps (other summation order); bf16: one bf16 ulp (sums kept in fp32, rounded once).
+    rtol = 1e-6 if dtype == torch.float32 else 2 ** -7
+    for name, got, expected in (("forward", out, expected_out), ("input gradient", grad_x, expected_grad)):
+        bound = rtol * expected.float().abs().max().item() + 1e-6
+        error = (got.float() - expected.float()).abs().max().item()
+        assert error <= bound, f"tiled {name} is {error:.3g} off the whole-weight product, more than {bound:.3g}"
+
+
+def test_a_weight_that_cannot_tile_is_used_whole_once():
+    from qlora_inject.kernels import dequant_matmul_tiled
+
+    weight, x, g = torch.randn(40, 24), torch.randn(3, 24), torch.randn(3, 40)
+    calls = []
+
+    def dequantize() -> torch.Tensor:                                        # a dense weight: no row ranges
+        calls.append(1)
+        return weight
+
+    assert torch.equal(dequant_matmul_tiled.linear_tiled(x, dequantize, torch.float32, None), x @ weight.t())
+    assert torch.equal(dequant_matmul_tiled.grad_input_tiled(g, dequantize, torch.float32), g @ weight)
+    assert len(calls) == 2
+
+
+def test_a_tile_that_splits_a_block_is_refused():
+    from qlora_inject.kernels import dequant_cpu, dequant_matmul_tiled
+
+    if not dequant_cpu.available():
+        pytest.skip("the tiles are dequantized by the numba kernel: pip install numba")
+    dequantize, _, _ = _nf4_weight(37, 96)
+    with dequant_matmul_tiled.only_rows(1), pytest.raises(ValueError, match="starts at a multiple of 2 rows, not"):
+        dequantize(torch.float32)()
+
+
+@pytest.mark.parametrize(("forced", "tiles"), [("torch", False), ("numba", True)])
+def test_the_fused_op_takes_the_measured_or_forced_product(forced, tiles, monkeypatch):
+    from qlora_inject.kernels import autotune, dequant_cpu, dequant_matmul_tiled
+    from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
+
+    if not dequant_cpu.available():
+        pytest.skip("the tiles are dequantized by the numba kernel: pip install numba")
+    monkeypatch.setattr(dequant_matmul_tiled, "TILE_BYTES", 4096)
+    monkeypatch.setenv("QLORA_INJECT_KERNEL", forced)
+    autotune.reset()
+    dequantize, twin, calls = _nf4_weight(300, 128)
+    x = torch.randn(2, 3, 128, requires_grad=True)
+    A, B = torch.randn(4, 128, requires_grad=True), torch.randn(300, 4, requires_grad=True)
+    out = fused_lora_linear(x, None, dequantize(torch.float32), torch.float32, [(A, B, AdapterTerm(0.5))], True)
+    out.backward(torch.ones_like(out))
+    assert (len(calls) > 2) == tiles                                          # whole: one call each way
+    reference_x = x.detach().clone().requires_grad_(True)
+    expected = reference_x @ twin(torch.float32).t() + 0.5 * (reference_x @ A.detach().t()) @ B.detach().t()
+    expected.backward(torch.ones_like(expected))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad, reference_x.grad, rtol=1e-5, atol=1e-4)
+    autotune.reset()
+
+
+def test_a_measured_candidate_may_dispatch_a_measured_dequantization(monkeypatch):
+    import threading
+
+    from qlora_inject.kernels import autotune
+
+    monkeypatch.delenv("QLORA_INJECT_KERNEL", raising=False)
+    autotune.reset()
+    inner = {"torch": lambda: 1, "numba": lambda: 1}
+    outer = {name: lambda: autotune.choose(("inner",), inner) for name in ("torch", "numba-tiles")}
+    worker = threading.Thread(target=lambda: [autotune.choose(("outer",), outer) for _ in range(3)], daemon=True)
+    worker.start()
+    worker.join(timeout=30)                                                  # the tiled product inside a measurement
+    assert not worker.is_alive(), "autotune deadlocked: a measurement's candidate waited for the measurement's lock"
+    assert ("outer",) in autotune.decisions() and ("inner",) in autotune.decisions()
+    autotune.reset()

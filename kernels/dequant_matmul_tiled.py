@@ -1,0 +1,160 @@
+"""The fused op's two base products, `x · Wᵀ` and `g · W`, with W dequantized whole or a tile of rows at a time.
+
+    whole:  W = dequantize()                       then one matmul (W written whole into the scratch)
+    tiled:  out[:, r0:r1] = x · W[r0:r1]ᵀ           (forward: each tile gives its columns of the output)
+            grad_x      += g[:, r0:r1] · W[r0:r1]   (input gradient: the tiles' products summed in fp32)
+
+Tiled, only `TILE_BYTES` of dense weight exist at a time, written and read while in cache, instead of
+the whole dense weight written to memory and read back once per direction. Which one runs is
+measured per shape class on the machine (`autotune`, candidates `torch` = whole and `numba-tiles`),
+never fixed: the tiles trade that memory traffic for more, smaller matmuls.
+
+A dispatcher that can dequantize a row range (NF4/FP4 on the CPU with numba: `dequant_4bit`) does
+so while `only_rows(start, stop)` is active and marks the request honoured (`RowRequest`); any other
+ignores it and returns the whole weight, which the tiled path then uses whole. The pure-torch
+oracle is the whole-weight product (`linear_whole`, `grad_input_whole`): the forward's tiles are
+each a full-length dot product per element (equal in fp32 here, but BLAS does not promise the same
+bits for a narrower matmul), and the input gradient sums the tiles in another order (fp32, then
+rounded once to the compute dtype): within a few fp32 ulps of the whole product, or one rounding
+of the compute dtype (`tests/test_kernels.py` pins the bound).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qlora_inject.kernels import autotune
+
+TILE_BYTES = 1 << 20                          # about a core's L2: a tile stays there from its write to its reads
+_local = threading.local()
+
+
+@dataclass
+class RowRequest:
+    """The next dequantization on this thread is asked for the tile of rows that starts at `start`."""
+
+    start: int
+    stop: int = 0                             # set by a dispatcher that honours it: the tile is [start, stop)
+    rows: int = 0                             # ... and the weight's full row count
+
+    @property
+    def honoured(self) -> bool:
+        return self.stop > self.start
+
+
+@contextmanager
+def only_rows(start: int) -> Iterator[RowRequest]:
+    """Ask dequantizations made inside for one tile of rows from `start` (those that can, do, and say so)."""
+    request = RowRequest(start)
+    previous = getattr(_local, "request", None)
+    _local.request = request
+    try:
+        yield request
+    finally:
+        _local.request = previous
+
+
+def requested_rows() -> RowRequest | None:
+    """The active row request on this thread, for a dispatcher to honour (or not)."""
+    return getattr(_local, "request", None)
+
+
+def once_per_product(key: tuple, compute: Callable[[], Tensor]) -> Tensor:
+    """`compute()`, made once per tiled product for `key` (e.g. a double-quantized absmax, which every
+    tile's dequantization would otherwise decode whole again); outside a tiled product, every time."""
+    memo = getattr(_local, "memo", None)
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def tile_rows(in_features: int, itemsize: int, multiple: int) -> int:
+    """Rows per tile: about `TILE_BYTES` of dense weight, a multiple of `multiple` and of 16 (a GEMM
+    kernel's width: with such tiles each fp32 output column was the whole matmul's, bit for bit, here)."""
+    multiple = math.lcm(multiple, 16)
+    rows = TILE_BYTES // max(1, in_features * itemsize)
+    return max(multiple, rows // multiple * multiple)
+
+
+def linear(x: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype, bias: Tensor | None) -> Tensor:
+    """`x · dequantize()ᵀ + bias` in `dtype`, (tokens, out): whole or tiled, as measured (CPU only)."""
+    if x.device.type != "cpu":
+        return linear_whole(x, dequantize, dtype, bias)
+    key = autotune.shape_class("base x·Wᵀ, whole or tiles,", dtype, x.numel(), x)
+    return autotune.choose(key, {"torch": lambda: linear_whole(x, dequantize, dtype, bias),
+                                 "numba-tiles": lambda: linear_tiled(x, dequantize, dtype, bias)})
+
+
+def grad_input(g: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype) -> Tensor:
+    """`g · dequantize()` in `dtype`, (tokens, in): whole or tiled, as measured (CPU only)."""
+    if g.device.type != "cpu":
+        return grad_input_whole(g, dequantize, dtype)
+    key = autotune.shape_class("base g·W, whole or tiles,", dtype, g.numel(), g)
+    return autotune.choose(key, {"torch": lambda: grad_input_whole(g, dequantize, dtype),
+                                 "numba-tiles": lambda: grad_input_tiled(g, dequantize, dtype)})
+
+
+def linear_whole(x: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype, bias: Tensor | None) -> Tensor:
+    """The whole-weight forward: the oracle of `linear_tiled`."""
+    weight = dequantize().t().to(dtype)                                     # (in, out), in the scratch
+    return torch.mm(x, weight) if bias is None else torch.addmm(bias.to(dtype), x, weight)
+
+
+def grad_input_whole(g: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype) -> Tensor:
+    """The whole-weight input gradient: the oracle of `grad_input_tiled`."""
+    return torch.mm(g, dequantize().to(dtype))
+
+
+def linear_tiled(x: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype, bias: Tensor | None) -> Tensor:
+    """`linear_whole`, a tile of weight rows at a time (the whole weight where the format cannot tile)."""
+    out = None
+    for request, tile in _tiles(dequantize):
+        if not request.honoured:                                            # the whole weight came back
+            weight = tile.t().to(dtype)
+            return torch.mm(x, weight) if bias is None else torch.addmm(bias.to(dtype), x, weight)
+        if out is None:
+            out = torch.empty(x.shape[0], request.rows, dtype=dtype)       # (tokens, out)
+        columns, weight = out[:, request.start:request.stop], tile.t().to(dtype)
+        if bias is None:
+            torch.mm(x, weight, out=columns)
+        else:
+            torch.addmm(bias[request.start:request.stop].to(dtype), x, weight, out=columns)
+    return out
+
+
+def grad_input_tiled(g: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype) -> Tensor:
+    """`grad_input_whole`, a tile of weight rows at a time, summed in fp32 (the whole weight where the
+    format cannot tile)."""
+    total = None
+    for request, tile in _tiles(dequantize):
+        if not request.honoured:
+            return torch.mm(g, tile.to(dtype))
+        part = torch.mm(g[:, request.start:request.stop], tile.to(dtype))  # (tokens, in)
+        total = part.float() if total is None else total.add_(part)
+    return total.to(dtype)
+
+
+def _tiles(dequantize: Callable[[], Tensor]) -> Iterator[tuple[RowRequest, Tensor]]:
+    """(request, tile) for each tile of rows in order, the tile valid until the next one is made; a
+    single unhonoured request with the whole weight where the dispatcher does not tile."""
+    start = 0
+    _local.memo = {}
+    try:
+        while True:
+            with only_rows(start) as request:
+                tile = dequantize()
+            yield request, tile
+            if not request.honoured or request.stop >= request.rows:
+                return
+            start = request.stop
+    finally:
+        _local.memo = None
