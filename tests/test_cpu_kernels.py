@@ -16,6 +16,7 @@ from qlora_inject.kernels.dequant_gptq import (
     dequantize_gptq_torch,
 )
 from qlora_inject.kernels.dequant_hqq import dequantize_hqq, dequantize_hqq_torch
+from qlora_inject.kernels.dequant_int8 import dequantize_int8_rowwise, dequantize_int8_rowwise_torch
 from qlora_inject.kernels.workspace import scratch
 
 pytestmark = pytest.mark.skipif(not dequant_cpu.available(), reason="numba is not installed")
@@ -149,6 +150,23 @@ def test_int8_rows_equal_the_formula():
     for dtype in (torch.float16, torch.bfloat16):                        # bitsandbytes: CB.to(dtype) · factor
         _same(dequant_cpu.rowwise_int8(codes, scales, scratch(33 * 70, dtype, "cpu"), dtype),
               codes.to(dtype).mul_((scales * (1.0 / 127.0))[:, None]))
+
+
+@pytest.mark.parametrize("buffer_dtype", [None, torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_int8_dispatch_measures_its_paths_and_each_gives_the_twins_values(buffer_dtype, monkeypatch):
+    codes = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
+    scales = torch.rand(64) * 5
+    out = None if buffer_dtype is None else scratch(64 * 96, buffer_dtype, "cpu")
+    half = buffer_dtype in (torch.float16, torch.bfloat16)                 # a half scratch: the twin, rounded to it
+    twin = dequantize_int8_rowwise_torch(codes, scales).to(buffer_dtype if half else torch.float32)
+    for forced in ("numba", "torch"):
+        monkeypatch.setenv("QLORA_INJECT_KERNEL", forced)
+        _same(dequantize_int8_rowwise(codes, scales, out), twin)
+    monkeypatch.setenv("QLORA_INJECT_KERNEL", "auto")
+    for _ in range(3):                                                    # first use, measured use, kept choice
+        _same(dequantize_int8_rowwise(codes, scales, out), twin)
+    (key, (chosen, timings)), = [(k, v) for k, v in autotune.decisions().items() if k[0] == "int8"]
+    assert chosen in timings and {"numba", "torch"} <= set(timings)
 
 
 def test_scratch_is_shared_grows_and_is_used_by_the_kernels():

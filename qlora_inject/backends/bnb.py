@@ -14,8 +14,8 @@ import importlib.util
 import torch
 from torch import Tensor, nn
 
-from qlora_inject.kernels import dequant_cpu
 from qlora_inject.kernels.dequant_4bit import dequantize_4bit, dequantize_blockwise_8bit
+from qlora_inject.kernels.dequant_int8 import dequantize_int8_rowwise
 from qlora_inject.registry import BackendBase, class_is
 
 
@@ -172,10 +172,7 @@ class Bnb8bitBackend(BackendBase):
                 f"{type(module).__name__} holds int8 weights but no row scales (weight.SCB and state.SCB "
                 "are both None); load it through bitsandbytes/transformers so the scales are set"
             )
-        if weight.device.type == "cpu" and dequant_cpu.available():
-            half = out is not None and out.dtype in (torch.float16, torch.bfloat16)
-            return dequant_cpu.rowwise_int8(weight.data, scales, out, out.dtype if half else torch.float32)
-        return weight.data.float() * (scales.float()[:, None] * (1.0 / 127.0))  # (out, in) fp32, bnb's rounding
+        return dequantize_int8_rowwise(weight.data, scales, out)              # (out, in), bnb's rounding
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return module(x)

@@ -29,7 +29,7 @@ def bnb_dequantize_4bit(layer) -> torch.Tensor:
 @pytest.mark.parametrize(("quant_type", "double_quant", "storage"), FOUR_BIT)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_4bit_dequantize_equals_bitsandbytes(quant_type, double_quant, storage, dtype, monkeypatch):
-    import qlora_inject.backends.bnb as bnb_backend
+    from qlora_inject.kernels import dequant_cpu
 
     layer = make_bnb4(quant_type, double_quant, dtype, storage)
     backend = find_backend(layer)
@@ -41,7 +41,7 @@ def test_4bit_dequantize_equals_bitsandbytes(quant_type, double_quant, storage, 
         ours = backend.dequantize(layer)
         assert ours.dtype == reference.dtype == dtype
         torch.testing.assert_close(ours, reference, atol=0, rtol=0)
-    monkeypatch.setattr(bnb_backend.dequant_cpu, "available", lambda: False)
+    monkeypatch.setattr(dequant_cpu, "available", lambda: False)
     torch.testing.assert_close(backend.dequantize(layer), reference, atol=0, rtol=0)
     # And it is a 4-bit approximation of the weight it was built from, not something else.
     error = (ours.float() - dense_weight()).norm() / dense_weight().norm()
