@@ -76,7 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--full", action="store_true", help="4096 -> 11008 instead of 1024 -> 2816")
     bench.add_argument("--formats", default=None,
                        help=f"comma-separated, from dense,{','.join(quantized_names())} (default: all)")
-    bench.add_argument("--output", type=Path, default=Path("runs/bench"), help="folder for layer.md and layer.png")
+    bench.add_argument("--output", type=Path, default=Path("runs/bench"),
+                       help="folder for layer.md and layer.png (quality.md, .png, .json with --quality)")
+    bench.add_argument("--quality", action="store_true",
+                       help="the cross-format quality benchmark instead: the default job (SmolLM2 on the date task) in "
+                            "every format, scored before, after and merged (minutes per format on a CPU)")
+    bench.add_argument("--steps", type=int, default=30, help="--quality: training steps per format (default: 30)")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="--quality: torch threads per run (default: torch's; 1 on a CPU other jobs share)")
 
     merge = commands.add_parser("merge", help="merge an adapter into its base and save the model")
     merge.add_argument("base", help=MODEL_HELP)
@@ -167,6 +174,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_bench(args: argparse.Namespace) -> int:
     import dataclasses
+
+    if args.quality:
+        from qlora_inject import quality
+
+        formats = tuple(f.strip() for f in args.formats.split(",")) if args.formats else quality.quality_formats()
+        print(quality.benchmark(quality.QualityWorkload(formats, args.steps, threads=args.threads), args.output))
+        return 0
 
     from qlora_inject.bench import QUICK, LayerWorkload, layer_report, run_layer_benchmark, save_layer_results
 

@@ -170,12 +170,11 @@ def run_quality(workload: QualityWorkload = QualityWorkload(),
     Raises:
         ValueError: A format no backend is registered for, naming the ones there are.
     """
-    from qlora_inject.registry import format_for
+    from qlora_inject.registry import default_quant
 
-    for quant in workload.formats:
-        format_for(quant)                              # an unknown name fails now, not after an hour
+    formats = [default_quant(quant) for quant in workload.formats]   # "dense" is "none"; unknown names fail now
     results, failures = [], {}
-    for quant in workload.formats:
+    for quant in formats:
         began = time.perf_counter()
         try:
             result = _in_own_process(quant, workload) if workload.own_process else measure_format(quant, workload, log)

@@ -49,7 +49,7 @@ def tiny_date_job(monkeypatch, tmp_path, one_thread):
 
 def test_every_format_asked_for_has_a_row_of_finite_numbers_and_a_dense_merge_keeps_the_tuned_loss(
         tiny_date_job, tmp_path):
-    workload = quality.QualityWorkload(formats=("none", "nf4"), steps=3, own_process=False)
+    workload = quality.QualityWorkload(formats=("dense", "nf4"), steps=3, own_process=False)   # dense: "none"
     results, failures = quality.run_quality(workload, log=lambda line: None)
     assert [r.quant for r in results] == ["none", "nf4"] and failures == {}
     for r in results:
@@ -77,7 +77,7 @@ def test_every_format_asked_for_has_a_row_of_finite_numbers_and_a_dense_merge_ke
 
 def test_an_unknown_format_is_refused_before_anything_runs():
     with pytest.raises(ValueError, match=r"unknown format 'nf5'; choose one of .*nf4"):
-        quality.run_quality(quality.QualityWorkload(formats=("none", "nf5")))
+        quality.run_quality(quality.QualityWorkload(formats=("dense", "nf5")))
 
 
 def test_the_formats_are_every_registered_one_dense_first():
@@ -85,3 +85,17 @@ def test_the_formats_are_every_registered_one_dense_first():
 
     formats = quality.quality_formats()
     assert formats[0] == "none" and sorted(formats) == sorted(quant_names())
+
+
+def test_bench_quality_runs_the_quality_benchmark_with_the_formats_steps_and_threads_given(monkeypatch, tmp_path,
+                                                                                            capsys):
+    from qlora_inject.cli import main
+
+    ran = []
+    monkeypatch.setattr(quality, "benchmark", lambda workload, output: ran.append((workload, output)) or "the report")
+    assert main(["bench", "--quality", "--formats", "none,nf4", "--steps", "2", "--threads", "1",
+                 "--output", str(tmp_path)]) == 0
+    assert ran == [(quality.QualityWorkload(formats=("none", "nf4"), steps=2, threads=1), tmp_path)]
+    assert capsys.readouterr().out.startswith("the report")
+    main(["bench", "--quality", "--output", str(tmp_path)])
+    assert ran[-1][0] == quality.QualityWorkload(formats=quality.quality_formats())          # every format, 30 steps
