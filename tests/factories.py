@@ -203,6 +203,19 @@ def registered_formats() -> tuple[str, ...]:
     return ("dense", *quantized_names())
 
 
+def quant_params(*names: str) -> list:
+    """pytest params for these format names as users give them (`load_tiny_llama`, `--quant`; default: every
+    registered one), each skipped where the library its format needs (the registry says which) is missing."""
+    import pytest
+
+    from qlora_inject.registry import format_for, quant_names
+
+    from conftest import requires
+
+    packages = {name: format_for(name).package for name in names or quant_names()}
+    return [pytest.param(name, marks=requires(package) if package else ()) for name, package in packages.items()]
+
+
 def format_params(*names: str) -> list:
     """pytest params for these formats, each skipped (with a reason) where its library is missing."""
     import pytest

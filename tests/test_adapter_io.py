@@ -11,7 +11,7 @@ import torch
 from qlora_inject import LoraConfig, LoraModel, atomic_files
 
 from conftest import requires
-from factories import LLAMA_PROJECTIONS, load_tiny_llama
+from factories import LLAMA_PROJECTIONS, load_tiny_llama, quant_params
 from parity import assert_same_state, clone_state
 
 pytestmark = [requires("transformers"), requires("peft")]
@@ -23,10 +23,7 @@ CONFIGS = {
     "rslora-regex": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=r".*\.(q|k)_proj"),
     "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "up_proj"]),
 }
-QUANTS = ["none", pytest.param("nf4", marks=requires("bitsandbytes")),
-          pytest.param("int8", marks=requires("bitsandbytes")),
-          pytest.param("hqq", marks=requires("hqq")), pytest.param("gptq", marks=requires("gptqmodel")),
-          pytest.param("awq", marks=requires("gptqmodel"))]
+QUANTS = quant_params("none", "nf4", "int8", "hqq", "gptq", "awq")
 PEFT_HAS_NO_DORA = ("gptq", "awq")
 TOL = {"int8": {"atol": 2e-3, "rtol": 2e-3}, "awq": {"atol": 5e-3, "rtol": 5e-3}}   # base rounding differs (fp16)
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(5))

@@ -17,7 +17,7 @@ from qlora_inject.kernels.rms_norm import rms_norm
 from qlora_inject.kernels.swiglu import swiglu
 
 from conftest import requires, requires_cuda
-from factories import LLAMA_PROJECTIONS, load_tiny_llama
+from factories import LLAMA_PROJECTIONS, load_tiny_llama, quant_params
 from kernel_check import run_kernel_check
 
 GRAD_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -81,9 +81,7 @@ def test_fused_modules_keep_less_for_backward():
     assert eager_norm >= x.numel() * 4                                      # an fp32 copy of x
 
 
-QUANTS = [pytest.param("none"), pytest.param("nf4", marks=requires("bitsandbytes")),
-          pytest.param("int8", marks=requires("bitsandbytes")), pytest.param("hqq", marks=requires("hqq")),
-          pytest.param("gptq", marks=requires("gptqmodel")), pytest.param("awq", marks=requires("gptqmodel"))]
+QUANTS = quant_params("none", "nf4", "int8", "hqq", "gptq", "awq")
 
 
 @pytest.mark.parametrize("quant", QUANTS)

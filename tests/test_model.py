@@ -8,15 +8,13 @@ import torch
 from qlora_inject import LoraConfig, LoraModel
 
 from conftest import requires
-from factories import LLAMA_PROJECTIONS, load_tiny_llama
+from factories import LLAMA_PROJECTIONS, load_tiny_llama, quant_params
 from parity import assert_same_state, clone_state
 
 pytestmark = requires("transformers")
 
-QUANTS = ["none", pytest.param("nf4", marks=requires("bitsandbytes")),
-          pytest.param("fp4", marks=requires("bitsandbytes")), pytest.param("int8", marks=requires("bitsandbytes"))]
-ALL_QUANTS = [*QUANTS, pytest.param("hqq", marks=requires("hqq")), pytest.param("gptq", marks=requires("gptqmodel")),
-              pytest.param("awq", marks=requires("gptqmodel"))]
+QUANTS = quant_params("none", "nf4", "fp4", "int8")                   # loaded by transformers itself
+ALL_QUANTS = quant_params()
 
 
 def seed_script(model):
