@@ -23,10 +23,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=QualityWorkload.seed)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads per run (default: torch's; 1 on a CPU other jobs share)")
+    parser.add_argument("--parallel", type=int, default=1, help="formats run at once, each in its own process")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     workload = QualityWorkload(tuple(f.strip() for f in args.formats.split(",") if f.strip()), args.steps, args.seed,
-                               threads=args.threads)
+                               threads=args.threads, parallel=args.parallel)
     print(benchmark(workload, args.output))
     print(f"\nwritten: {args.output / 'quality.md'}, {args.output / 'quality.png'}, {args.output / 'quality.json'}")
 

@@ -67,6 +67,7 @@ class QualityWorkload:
     seed: int = 0
     own_process: bool = True                           # each format in a fresh process (its own peak memory)
     threads: int | None = None                         # torch's intra-op threads (None: torch's default)
+    parallel: int = 1                                  # formats run at once (own processes; they share the CPU)
 
 
 @dataclass(frozen=True)
@@ -164,28 +165,35 @@ def _proc_status_mib(field: str) -> float:
 
 def run_quality(workload: QualityWorkload = QualityWorkload(),
                 log: Callable[[str], None] = print) -> tuple[list[QualityResult], dict[str, str]]:
-    """One `QualityResult` per format of `workload`, each in a process of its own unless `own_process` is
-    False; and, by format, why a format's run failed (the others still run; `own_process` only).
+    """One `QualityResult` per format of `workload`, each in a process of its own (`parallel` at a time)
+    unless `own_process` is False; and, by format, why a format's run failed (the others still run).
 
     Raises:
         ValueError: A format no backend is registered for, naming the ones there are.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from qlora_inject.registry import default_quant
 
     formats = [default_quant(quant) for quant in workload.formats]   # "dense" is "none"; unknown names fail now
-    results, failures = [], {}
-    for quant in formats:
+
+    def run(quant: str) -> QualityResult | str:
         began = time.perf_counter()
         try:
             result = _in_own_process(quant, workload) if workload.own_process else measure_format(quant, workload, log)
         except RuntimeError as err:
-            failures[quant] = str(err)
             log(f"{quant}: failed: {err}")
-            continue
+            return str(err)
         log(f"{quant}: tuned loss {result.tuned_loss:.3f}, exact match {result.tuned_match:.0%}; "
             f"merged {result.merged_loss:.3f}, dense {result.dense_merged_loss:.3f} "
             f"({time.perf_counter() - began:.0f} s)")
-        results.append(result)
+        return result
+
+    workers = workload.parallel if workload.own_process else 1
+    with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+        outcomes = list(pool.map(run, formats))
+    results = [outcome for outcome in outcomes if isinstance(outcome, QualityResult)]
+    failures = {quant: outcome for quant, outcome in zip(formats, outcomes, strict=True) if isinstance(outcome, str)}
     return results, failures
 
 
@@ -234,7 +242,8 @@ def quality_report(workload: QualityWorkload, results: Sequence[QualityResult], 
         "format, scored on the same 48 held-out dates (answer loss; exact match under greedy decoding).",
         "",
         f"machine: {machine()}{'; ' + load if load else ''}; torch threads: "
-        f"{workload.threads or 'default (' + str(torch.get_num_threads()) + ')'}",
+        f"{workload.threads or 'default (' + str(torch.get_num_threads()) + ')'}; formats run {workload.parallel} "
+        "at a time",
         "base: the quantized model before training; tuned: with the adapter; merged in format: "
         "requantize(dequantize(W) + s·BA) (`merge_adapter`), gain kept = (base − merged) / (base − tuned); "
         "merged dense: `merge_and_unload(dequantize=True)`; tokens/s: training, padded batch tokens; peak RSS: "
