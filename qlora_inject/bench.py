@@ -169,7 +169,7 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
     def build(fmt: str) -> nn.Module:
         if fmt == "dense":
             return copy.deepcopy(dense)
-        layer = quantize_linear(dense, fmt, compute_dtype=dtype, group_size=128 if fmt != "hqq" else 64)
+        layer = quantize_linear(dense, fmt, compute_dtype=dtype)            # each format's own group size
         return never_repack(layer)                                        # no in-place CPU repack, as when wrapped
 
     results = []

@@ -71,7 +71,7 @@ def _loftq(layer, weight: Tensor, r: int, scaling: float, loftq_config: dict):
             f"loftq_config={{'format': one of {formats}, 'loftq_iter': 1}} (got backend {layer.backend.name!r}, "
             f"format {fmt!r}); the base is then quantized to that format by its own library"
         )
-    options = {k: v for k, v in loftq_config.items() if k in ("bits", "group_size")}
+    options = {"group_size": 64, **{k: v for k, v in loftq_config.items() if k in ("bits", "group_size")}}
     bias = getattr(layer.base_layer, "bias", None)
     A = torch.zeros(r, weight.shape[1], device=weight.device)
     B = torch.zeros(weight.shape[0], r, device=weight.device)

@@ -15,20 +15,17 @@ from torch import nn
 from qlora_inject.registry import format_for
 
 
-def quantize_linear(linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
-                    group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
+def quantize_linear(linear: nn.Linear, quant: str, **options) -> nn.Module:
     """A new quantized layer holding `linear`'s weight (and bias) in the format users call `quant`.
 
     Args:
         linear: The dense layer; left as it is.
         quant: A format name (`registry.quant_names()`: nf4, fp4, int8, hqq, gptq, awq, and any registered).
-        compute_dtype: The dtype the quantized layer computes in.
-        group_size: Group size for HQQ, GPTQ and AWQ (bitsandbytes 4-bit uses its blocksize of 64).
-        bits: Bits for HQQ, GPTQ and AWQ.
-        device: Where the quantized layer lives (bitsandbytes quantizes when moved there).
+        options: For the format's `quantize` (defaults there): `compute_dtype`, `group_size` (HQQ 64, GPTQ and
+            AWQ 128; bitsandbytes 4-bit uses its blocksize of 64), `bits` (HQQ, GPTQ, AWQ: 4), `device` ("cpu";
+            bitsandbytes quantizes when moved there).
     """
-    return format_for(quant).quantize(linear, quant, compute_dtype=compute_dtype, group_size=group_size, bits=bits,
-                                      device=device)
+    return format_for(quant).quantize(linear, quant, **options)
 
 
 def rtn_groupwise(weight: torch.Tensor, bits: int, groups: torch.Tensor, sym: bool):
