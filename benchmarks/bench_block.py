@@ -20,13 +20,14 @@ from qlora_inject import LoraConfig, inject
 from qlora_inject.backends.bnb import never_repack
 from qlora_inject.bench import machine, markdown_table, median_seconds, plot_bars, save_report
 from qlora_inject.quantize import quantize_model
+from qlora_inject.registry import quantized_names
 
 PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="a LoRA-wrapped quantized Llama MLP: ours vs PEFT vs dense")
-    parser.add_argument("--formats", default="nf4,fp4,int8,hqq,gptq,awq")
+    parser.add_argument("--formats", default=",".join(quantized_names()), help="default: every registered format")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--repeat", type=int, default=5)
@@ -51,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     config = dict(r=16, lora_alpha=32, target_modules=PROJECTIONS, init_lora_weights=False)
     rows, ratios = [], {"qlora_inject": [], "PEFT": []}
     for fmt in args.formats.split(","):
-        ours = quantize_model(copy.deepcopy(dense), fmt, skip=(), group_size=64 if fmt == "hqq" else 128)
-        theirs = quantize_model(copy.deepcopy(dense), fmt, skip=(), group_size=64 if fmt == "hqq" else 128)
+        ours = quantize_model(copy.deepcopy(dense), fmt, skip=())             # each format's own group size
+        theirs = quantize_model(copy.deepcopy(dense), fmt, skip=())
         for model in (ours, theirs):                                       # no in-place CPU repack in either
             never_repack(model)
         inject(ours, LoraConfig(**config))
