@@ -5,7 +5,10 @@
 `base` is the original module object, kept as `base_layer`, so its quantizer state (bitsandbytes'
 `quant_state`/`SCB`, HQQ's `meta`, GPTQ/AWQ buffers) is carried over untouched. `A_a` is r × in,
 `B_a` is out × r, both `nn.Linear` without bias in `lora_A[a]` / `lora_B[a]`: PEFT's names, so
-state-dict keys match PEFT's and adapter files need no key mapping.
+state-dict keys match PEFT's and adapter files need no key mapping. The term above is plain LoRA's;
+each adapter has a variant object, chosen when it is added (`variant.py`: plain LoRA; `dora.py`:
+DoRA), that computes its term, its merged weight and the tensors it saves, so the forward is a loop
+over the active adapters asking each one's variant.
 
 The adapter path runs in the wider of the adapter's compute dtype (the base layer's by default,
 fp16/bf16 on GPU) and the output's dtype, while the adapter parameters may be stored in fp32; the
@@ -88,10 +91,11 @@ class LoraLinear(nn.Module):
             swaps in a requantized copy and unmerge puts this very object back.
         backend: The format backend that handles `base_layer`.
 
-    Every per-adapter table is declared once, below, under PEFT's names, and only this class (and
-    an adapter's variant, for its own table) reads them by name: the rest of the package adds,
-    deletes, freezes, saves and reads adapters through `update_layer`, `delete_adapter`,
-    `adapter_parameters`, `set_requires_grad`, `adapter_state_keys` and `factors`.
+    Every per-adapter table is declared once, below, under PEFT's names. The rest of the package adds,
+    deletes, freezes, saves and reads adapters through this class's methods (`update_layer`,
+    `delete_adapter`, `adapters`, `adapter_parameters`, `set_requires_grad`, `adapter_state_keys`,
+    `factors`, `variant`): nothing else deletes table entries or recognises parameters by their names.
+    What an adapter adds to the output, to a merged weight and to a file, its variant says.
     """
 
     # nn.ModuleDicts holding each adapter's trained parameters: A (r, in), B (out, r), DoRA's magnitude.
