@@ -54,7 +54,7 @@ def shape_class(fmt: str, dtype: torch.dtype, numel: int, out: torch.Tensor | No
     return (fmt, dtype, None if out is None else out.dtype, max(numel, 1).bit_length(), torch.get_num_threads())
 
 
-def choose(key: tuple, candidates: dict[str, Callable[[], T]]) -> T:
+def choose(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = 1.0) -> T:
     """Run the kept (or forced) candidate for `key`; at the class's first use the first candidate, at
     its second every candidate, measured, keeping the fastest.
 
@@ -63,6 +63,8 @@ def choose(key: tuple, candidates: dict[str, Callable[[], T]]) -> T:
         candidates: Name → a call computing the weight; every one must give the same values. Names
             start with `numba` for the numba kernels (the first of them is the default thread count)
             and `torch` for the pure-torch twin, which must be present.
+        margin: Another candidate replaces the first only when `margin` times faster than it (a path
+            whose best time hides a larger spread, such as many small parallel regions, must win clearly).
 
     Returns:
         What the chosen candidate returns.
@@ -81,11 +83,11 @@ def choose(key: tuple, candidates: dict[str, Callable[[], T]]) -> T:
                 _seen.add(key)                                           # a class used once (an injection-time
                 return next(iter(candidates.values()))()                 # check, a merge) is not worth measuring
             if name is None or name not in candidates:
-                name = _measure(key, candidates)
+                name = _measure(key, candidates, margin)
     return candidates[name]()
 
 
-def _measure(key: tuple, candidates: dict[str, Callable[[], T]], rounds: int = 3) -> str:
+def _measure(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = 1.0, rounds: int = 3) -> str:
     """Time each candidate on the real weight, interleaved so all see the same machine; keep the fastest.
 
     A warm-up call first (numba compiles or loads from its cache; a fresh buffer is paged in); then up
@@ -103,7 +105,8 @@ def _measure(key: tuple, candidates: dict[str, Callable[[], T]], rounds: int = 3
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - began)
         fastest = min(best[n] for n in alive)
         alive = [n for n in alive if best[n] <= 2 * fastest]
-    chosen = min(alive, key=best.__getitem__)
+    default = next(iter(candidates))
+    chosen = min(alive, key=lambda n: best[n] * (1.0 if n == default else margin))
     _choices[key] = chosen
     _timings[key] = dict(best)
     return chosen

@@ -10,8 +10,11 @@ measured per shape class on the machine (`autotune`, candidates `torch` = whole 
 never fixed: the tiles trade that memory traffic for more, smaller matmuls.
 
 A dispatcher that can dequantize a row range (NF4/FP4 on the CPU with numba: `dequant_4bit`) does
-so while `only_rows(start, stop)` is active and marks the request honoured (`RowRequest`); any other
-ignores it and returns the whole weight, which the tiled path then uses whole. The pure-torch
+so while `only_rows(start)` is active and marks the request honoured (`RowRequest`); any other
+ignores it and returns the whole weight. Each product first asks for its first tile: a weight that
+comes back whole is used at once, unmeasured (dense, HQQ, GPTQ, ...); one that tiles is measured per
+(product, weight shape, operand size) class, and tiles are kept only when `TILES_MARGIN` times
+faster (their ~100 parallel regions per product make their best time hide a wide spread). The pure-torch
 oracle is the whole-weight product (`linear_whole`, `grad_input_whole`): the forward's tiles are
 each a full-length dot product per element (equal in fp32 here, but BLAS does not promise the same
 bits for a narrower matmul), and the input gradient sums the tiles in another order (fp32, then
@@ -33,6 +36,7 @@ from torch import Tensor
 from qlora_inject.kernels import autotune
 
 TILE_BYTES = 1 << 20                          # about a core's L2: a tile stays there from its write to its reads
+TILES_MARGIN = 1.1                            # tiles run ~100 parallel regions per product: they must win clearly
 _local = threading.local()
 
 
@@ -89,24 +93,41 @@ def linear(x: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype, bias
     """`x · dequantize()ᵀ + bias` in `dtype`, (tokens, out): whole or tiled, as measured (CPU only)."""
     if x.device.type != "cpu":
         return linear_whole(x, dequantize, dtype, bias)
-    key = autotune.shape_class("base x·Wᵀ, whole or tiles,", dtype, x.numel(), x)
-    return autotune.choose(key, {"torch": lambda: linear_whole(x, dequantize, dtype, bias),
-                                 "numba-tiles": lambda: linear_tiled(x, dequantize, dtype, bias)})
+    return _measured("x·Wᵀ", x, dequantize, lambda w: _linear(x, w, dtype, bias),
+                     lambda: linear_whole(x, dequantize, dtype, bias), lambda: linear_tiled(x, dequantize, dtype, bias))
 
 
 def grad_input(g: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype) -> Tensor:
     """`g · dequantize()` in `dtype`, (tokens, in): whole or tiled, as measured (CPU only)."""
     if g.device.type != "cpu":
         return grad_input_whole(g, dequantize, dtype)
-    key = autotune.shape_class("base g·W, whole or tiles,", dtype, g.numel(), g)
-    return autotune.choose(key, {"torch": lambda: grad_input_whole(g, dequantize, dtype),
-                                 "numba-tiles": lambda: grad_input_tiled(g, dequantize, dtype)})
+    return _measured("g·W", g, dequantize, lambda w: torch.mm(g, w.to(dtype)),
+                     lambda: grad_input_whole(g, dequantize, dtype), lambda: grad_input_tiled(g, dequantize, dtype))
+
+
+def _measured(product: str, left: Tensor, dequantize: Callable[[], Tensor], with_whole: Callable[[Tensor], Tensor],
+              whole: Callable[[], Tensor], tiled: Callable[[], Tensor]) -> Tensor:
+    """A probe asks for the first tile: a weight that cannot tile (or fits one tile) comes back whole and
+    is used at once (no measurement); one that can is measured per (product, weight shape, left operand's size) class,
+    tiles kept only when `TILES_MARGIN` times faster than the whole weight."""
+    if autotune.mode() == "torch":                                          # forced: the whole weight, no probe
+        return whole()
+    _local.memo = {}                                                        # one absmax decode for the whole call
+    try:
+        with only_rows(0) as probe:
+            first = dequantize()
+        if not probe.honoured or probe.stop == probe.rows:                  # the whole weight, or one tile of it
+            return with_whole(first)
+        shape = f"{probe.rows}×{first.shape[1]}"
+        key = autotune.shape_class(f"base {product} of {shape}, whole or tiles,", left.dtype, left.numel(), left)
+        return autotune.choose(key, {"torch": whole, "numba-tiles": tiled}, margin=TILES_MARGIN)
+    finally:
+        _local.memo = None
 
 
 def linear_whole(x: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype, bias: Tensor | None) -> Tensor:
     """The whole-weight forward: the oracle of `linear_tiled`."""
-    weight = dequantize().t().to(dtype)                                     # (in, out), in the scratch
-    return torch.mm(x, weight) if bias is None else torch.addmm(bias.to(dtype), x, weight)
+    return _linear(x, dequantize(), dtype, bias)                            # W (out, in) in the scratch
 
 
 def grad_input_whole(g: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype) -> Tensor:
@@ -119,8 +140,7 @@ def linear_tiled(x: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype
     out = None
     for request, tile in _tiles(dequantize):
         if not request.honoured:                                            # the whole weight came back
-            weight = tile.t().to(dtype)
-            return torch.mm(x, weight) if bias is None else torch.addmm(bias.to(dtype), x, weight)
+            return _linear(x, tile, dtype, bias)
         if out is None:
             out = torch.empty(x.shape[0], request.rows, dtype=dtype)       # (tokens, out)
         columns, weight = out[:, request.start:request.stop], tile.t().to(dtype)
@@ -143,11 +163,17 @@ def grad_input_tiled(g: Tensor, dequantize: Callable[[], Tensor], dtype: torch.d
     return total.to(dtype)
 
 
+def _linear(x: Tensor, weight: Tensor, dtype: torch.dtype, bias: Tensor | None) -> Tensor:
+    weight = weight.t().to(dtype)                                           # (in, out)
+    return torch.mm(x, weight) if bias is None else torch.addmm(bias.to(dtype), x, weight)
+
+
 def _tiles(dequantize: Callable[[], Tensor]) -> Iterator[tuple[RowRequest, Tensor]]:
     """(request, tile) for each tile of rows in order, the tile valid until the next one is made; a
     single unhonoured request with the whole weight where the dispatcher does not tile."""
     start = 0
-    _local.memo = {}
+    outer = getattr(_local, "memo", None)
+    _local.memo = {} if outer is None else outer
     try:
         while True:
             with only_rows(start) as request:
@@ -157,4 +183,4 @@ def _tiles(dequantize: Callable[[], Tensor]) -> Iterator[tuple[RowRequest, Tenso
                 return
             start = request.stop
     finally:
-        _local.memo = None
+        _local.memo = outer

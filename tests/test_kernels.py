@@ -323,3 +323,17 @@ def test_a_measured_candidate_may_dispatch_a_measured_dequantization(monkeypatch
     assert not worker.is_alive(), "autotune deadlocked: a measurement's candidate waited for the measurement's lock"
     assert ("outer",) in autotune.decisions() and ("inner",) in autotune.decisions()
     autotune.reset()
+
+
+def test_another_path_replaces_the_default_only_when_a_margin_faster(monkeypatch):
+    import time
+
+    from qlora_inject.kernels import autotune
+
+    monkeypatch.delenv("QLORA_INJECT_KERNEL", raising=False)
+    autotune.reset()
+    paths = {"torch": lambda: time.sleep(0.010) or "torch", "numba-tiles": lambda: time.sleep(0.009) or "tiles"}
+    for _ in range(2):
+        kept = autotune.choose(("margin",), paths, margin=1.5)               # 10 % faster: not enough
+    assert kept == "torch" and autotune.decisions()[("margin",)][0] == "torch"
+    autotune.reset()
