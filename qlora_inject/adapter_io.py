@@ -181,5 +181,5 @@ def _saved_biases(model: nn.Module, state: dict[str, Tensor], bias: str) -> set[
     return set()
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_files", "adapter_state_dict", "atomic_write_bytes",
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "adapter_files", "adapter_keys", "adapter_state_dict", "atomic_write_bytes",
            "check_and_copy", "read_adapter", "replace_folder", "save_adapter", "write_files"]
