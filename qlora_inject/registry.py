@@ -85,7 +85,8 @@ class BackendBase:
       `quant_name(module)`: which of them a module is.
     - `package`: the import name of the library the format needs (None: torch only), and
       `install`: how to get it (named in errors).
-    - `quantize(linear, quant, ...)`: a new layer of this format holding a dense `nn.Linear`'s weight.
+    - `quantize(linear, quant, ...)`: a new layer of this format holding a dense `nn.Linear`'s weight, and
+      `quantizer_summary(quant, group_size)`: how, in a few words.
     - `load_causal_lm(path, quant, ...)`: a transformers causal LM from a local directory in this format;
       the default loads it dense and quantizes every linear but the head with `quantize`.
     - `saved_by_transformers`: whether transformers can save a model holding these layers as they are.
@@ -134,6 +135,10 @@ class BackendBase:
     def quant_name(self, module: nn.Module) -> str:
         """The name users give `module`'s format (what `--quant` takes): the first of `quant_names`."""
         return self.quant_names[0] if self.quant_names else self.name
+
+    def quantizer_summary(self, quant: str, group_size: int) -> str:
+        """How `quantize` makes format `quant`, in a few words (benchmark tables)."""
+        return f"{quant}: the {self.name!r} backend's quantizer"
 
     def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
                  group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:

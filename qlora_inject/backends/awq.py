@@ -85,6 +85,9 @@ class AwqBackend(BackendBase):
             return F.linear(x, weight.t().to(x.dtype), None if bias is None else bias.to(x.dtype))
         return self.forward(module, x)
 
+    def quantizer_summary(self, quant: str, group_size: int) -> str:
+        return f"AWQ 4-bit, groups of {group_size}: round-to-nearest, no calibration"
+
     def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
                  group_size: int = 128, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
         """A GPTQModel `AwqTorchLinear` (asymmetric, round-to-nearest: no activation-aware scaling) of `linear`."""

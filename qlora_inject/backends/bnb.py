@@ -91,6 +91,9 @@ class Bnb4bitBackend(BackendBase):
         _refuse_repacked(module)
         return module(x)
 
+    def quantizer_summary(self, quant: str, group_size: int) -> str:
+        return f"bitsandbytes {quant.upper()}, blocks of 64" + (", double quant" if quant == "nf4" else "")
+
     def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
                  group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
         """A `Linear4bit` (`quant`: nf4 or fp4, double-quantized, blocksize 64) of `linear`'s weight."""
@@ -176,6 +179,9 @@ class Bnb8bitBackend(BackendBase):
 
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return module(x)
+
+    def quantizer_summary(self, quant: str, group_size: int) -> str:
+        return "bitsandbytes LLM.int8, per row"
 
     def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
                  group_size: int = 64, bits: int = 8, device: str | torch.device = "cpu") -> nn.Module:

@@ -46,6 +46,9 @@ class DenseBackend(BackendBase):
             new.weight.copy_(weight.t() if is_conv1d(module) else weight)
         return new
 
+    def quantizer_summary(self, quant: str, group_size: int) -> str:
+        return "not quantized"
+
     def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
                  group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
         """The `none` format: a dense copy of `linear` in `compute_dtype`."""

@@ -77,6 +77,9 @@ class GptqBackend(BackendBase):
     def forward(self, module: nn.Module, x: Tensor) -> Tensor:
         return run_or_fall_back(module, x, self)
 
+    def quantizer_summary(self, quant: str, group_size: int) -> str:
+        return f"GPTQ 4-bit, groups of {group_size}: round-to-nearest, no calibration"
+
     def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
                  group_size: int = 128, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
         """A GPTQModel `TorchLinear` (symmetric, round-to-nearest: no calibration) of `linear`'s weight."""

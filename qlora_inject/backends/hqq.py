@@ -44,6 +44,9 @@ class HqqBackend(BackendBase):
     def dequantize(self, module: nn.Module, out: Tensor | None = None) -> Tensor:
         return dequantize_hqq(module.W_q, module.meta, out=out)                    # (out, in), compute dtype
 
+    def quantizer_summary(self, quant: str, group_size: int) -> str:
+        return f"HQQ 4-bit, groups of {group_size}, its data-free optimizer"
+
     def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
                  group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
         """An `HQQLinear` (`bits`, `group_size`, hqq's own optimizer) of `linear`'s weight."""
