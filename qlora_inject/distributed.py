@@ -5,8 +5,10 @@ needs to know about them.
     FSDP(lora_model, auto_wrap_policy=qlora_inject.fsdp_wrap_policy(lora_model), use_orig_params=True)
 
 Each decoder layer is one FSDP unit holding its LoRA Linears: the fused op reads `lora_A`/`lora_B`
-weights without running those modules' forward, so they must be gathered with their layer. DDP
-needs nothing from here. The engines also replace parameters (FSDP2 by DTensors, FSDP1 by views of a
+weights without running those modules' forward, so they are gathered with their layer. Where the LoRA
+Linears are their own units (PEFT's `fsdp_auto_wrap_policy`, FSDP1 with `use_orig_params=False`), a
+layer runs them through their forwards instead (`forward_through_adapter_units`; the base stays fused).
+DDP needs nothing from here. The engines also replace parameters (FSDP2 by DTensors, FSDP1 by views of a
 flat parameter that require gradients), so "is this base frozen" is read from the parameter objects
 this library froze (`remember_base`, `base_trains`), not from whatever tensor holds the weight now.
 """
@@ -57,18 +59,41 @@ def is_dtensor(tensor: Any) -> bool:
     return any(cls.__name__ == "DTensor" for cls in type(tensor).__mro__)
 
 
-def refuse_sharded_adapters(layer: nn.Module) -> None:
-    """Raise when a LoRA Linear of `layer` is its own FSDP2 unit (its weight is a sharded DTensor here)."""
-    for table in (layer.lora_A, layer.lora_B):
-        for name, linear in table.items():
-            if is_dtensor(linear.weight):
-                raise RuntimeError(
-                    f"LoRA weight lora_{'A' if table is layer.lora_A else 'B'}[{name!r}] is a sharded DTensor: "
-                    "the LoRA Linear was made its own FSDP unit (fully_shard on it, as PEFT's wrap policy does), "
-                    "but this layer reads its weight without running its forward, so FSDP never gathers it. "
-                    "Shard whole decoder layers with their LoRA inside: qlora_inject.shard(model), or "
-                    "fsdp_wrap_policy(model) for FSDP1/accelerate"
-                )
+def adapters_are_fsdp_units(layer: nn.Module) -> bool:
+    """Whether a LoRA Linear of `layer` is its own FSDP unit (FSDP1 wrapper, FSDP2 `fully_shard`), as PEFT's
+    wrap policy makes them: its weight is gathered only while its own forward runs."""
+    return any(engine_of(linear) in ("fsdp1", "fsdp2") for table in (layer.lora_A, layer.lora_B)
+               for linear in table.values())
+
+
+def forward_through_adapter_units(layer: nn.Module, x: Tensor) -> Tensor:
+    """A LoRA layer's output when its LoRA Linears are their own FSDP units: the base alone (through the
+    fused op where it applies), plus each active adapter's `s · lora_B(lora_A(dropout(x)))` run through
+    the modules' forwards, where FSDP gathers their weights (and reduce-scatters their gradients).
+
+    Reading their weights directly, as the fused op does, would meet FSDP2's sharded DTensors or FSDP1's
+    views of a freed flat parameter. Slower than one decoder-layer unit holding its LoRA (`shard`,
+    `fsdp_wrap_policy`), where the adapters join the fused op.
+    """
+    result = layer.base_output(x)
+    if layer.disable_adapters:
+        return result
+    names = [n for n in layer.active_adapters if n in layer.adapters and n not in layer.merged_adapters]
+    unsupported = [n for n in names if not layer.variant(n).fusable]          # a term other than s·B A (DoRA)
+    if unsupported or layer.sample_adapters() is not None:
+        what = (f"adapter {unsupported[0]!r} ({layer.variant(unsupported[0]).name})" if unsupported
+                else "a mixed batch (adapter_names)")
+        raise ValueError(
+            f"{what} with "
+            "LoRA Linears sharded as their own FSDP units (PEFT's wrap policy) is not supported: shard whole "
+            "decoder layers with their LoRA inside: qlora_inject.shard(model), or "
+            "auto_wrap_policy=qlora_inject.fsdp_wrap_policy(model) with use_orig_params=True for FSDP1"
+        )
+    for name in names:
+        lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+        hidden = lora_A(layer.lora_dropout[name](x.to(lora_A.weight.dtype)))       # (…, r)
+        result = result + (lora_B(hidden.to(lora_B.weight.dtype)) * layer.scaling[name]).to(result.dtype)
+    return result
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -96,7 +121,8 @@ def fsdp_wrap_policy(model: nn.Module) -> Callable:
 
 
 def unshardable_params(model: nn.Module) -> set[nn.Parameter]:
-    """Parameters FSDP cannot shard, kept whole on every rank: integer-typed packed weights (HQQ's `W_q`).
+    """Parameters FSDP cannot shard, kept whole on every rank: integer-typed packed weights (HQQ's `W_q`,
+    bitsandbytes' int8 weight, which keeps its scales `SCB` on the tensor FSDP would replace).
 
     GPTQ's and AWQ's packed tensors are buffers, which FSDP never shards, so they are replicated too;
     bitsandbytes 4-bit with a float `quant_storage` shards. For FSDP1 pass them as `ignored_states`.
@@ -118,18 +144,8 @@ def shard(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
     Returns:
         `model`, sharded in place (as `fully_shard` returns it).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    from qlora_inject.lora import LoraLinear
-
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLinear):
-            inner = [n for n, m in module.named_modules() if isinstance(m, FSDPModule) and m is not module]
-            if inner:
-                raise ValueError(
-                    f"{name}.{inner[0]} is already an FSDP unit; LoRA Linears must be sharded with their decoder "
-                    "layer (this layer reads their weights directly). Call shard() on the unsharded model"
-                )
     fsdp_kwargs.setdefault("ignored_params", unshardable_params(model) or None)
     for layer in _layers_or_raise(model):
         fully_shard(layer, mesh=mesh, **fsdp_kwargs)
@@ -286,7 +302,8 @@ def gather_full(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: (value.full_tensor() if is_dtensor(value) else value).detach().cpu() for key, value in state.items()}
 
 
-__all__ = ["all_gather_tensor", "all_reduce_sum", "any_rank", "barrier", "base_trains", "decoder_layers",
-           "engine_of", "fsdp_wrap_policy", "gather_full", "is_dtensor", "is_main_process", "is_sharded",
-           "join_launched_group", "launched_rank", "launched_world_size", "rank", "refuse_sharded_adapters",
-           "remember_base", "shard", "shard_optimizer_state", "unshardable_params", "use_local_gpu", "world_size"]
+__all__ = ["adapters_are_fsdp_units", "all_gather_tensor", "all_reduce_sum", "any_rank", "barrier", "base_trains",
+           "decoder_layers", "engine_of", "forward_through_adapter_units", "fsdp_wrap_policy", "gather_full",
+           "is_dtensor", "is_main_process", "is_sharded", "join_launched_group", "launched_rank",
+           "launched_world_size", "rank", "remember_base", "shard", "shard_optimizer_state", "unshardable_params",
+           "use_local_gpu", "world_size"]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from qlora_inject import init_schemes
-from qlora_inject.distributed import base_trains, refuse_sharded_adapters, remember_base
+from qlora_inject.distributed import adapters_are_fsdp_units, base_trains, forward_through_adapter_units, remember_base
 from qlora_inject.dora import DoraVariant
 from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear, lora_dtype_for
 from qlora_inject.kernels.lora_batched import lora_gathered, stack_adapters
@@ -261,7 +261,8 @@ class LoraLinear(nn.Module):
     # --- forward --------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        refuse_sharded_adapters(self)                                       # a LoRA Linear as its own FSDP unit
+        if adapters_are_fsdp_units(self):                 # PEFT's wrap policy: gathered in their own forward
+            return forward_through_adapter_units(self, x)
         fused = self._forward_fused(x)
         if fused is not None:
             return fused

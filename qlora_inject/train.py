@@ -436,10 +436,6 @@ def _check_world(options: TrainOptions, world: int) -> None:
     if options.fsdp and world == 1:
         raise UsageError("--fsdp shards over several processes, and this is one; launch with torchrun "
                          "--nproc_per_node N (or accelerate launch), or drop --fsdp")
-    if options.fsdp and options.quant == "int8":
-        raise UsageError("--fsdp with --quant int8: bitsandbytes' int8 weights keep their scales (SCB) on the weight "
-                         "tensor, which FSDP replaces, and that was never made to work here; drop --fsdp (DDP) or "
-                         "use --quant nf4")
     if options.batch_size % world:
         raise UsageError(f"--batch-size {options.batch_size} does not split over {world} processes; give a multiple "
                          f"of {world} (each rank trains on its slice of the batch)")

@@ -1,19 +1,22 @@
 """One rank of tests/test_distributed.py: trains a tiny quantized Llama's LoRA under each engine.
 
-    python distributed_worker.py RANK WORLD PORT OUT TINY_LLAMA_DIR SCENARIO[,SCENARIO...]
+    accelerate launch ... distributed_worker.py OUT TINY_LLAMA_DIR SCENARIO[,SCENARIO...]   (or torchrun)
     torchrun ... distributed_worker.py cli OUT train ...    (qlora-inject under DDP, then FSDP2; writes recorded)
 
-A scenario is `engine-format` (engine: ddp, fsdp2, fsdp1; fsdp2lora shards each LoRA Linear as its own
-unit, which must be refused). Before joining the group every rank trains the same model alone on the
-whole batch (the reference); then each rank trains on its half. Written to OUT: each rank's gathered
-adapter and base after training (safetensors), rank 0's single-process adapter, and per rank a JSON of
-fused-op calls, adapter saves and errors per scenario.
+A scenario is `engine-format`. Engines: ddp; fsdp2 (`qi.shard`); fsdp1 (`qi.fsdp_wrap_policy`,
+`use_orig_params=True`); and PEFT's policy, each LoRA Linear its own unit: fsdp2lora (`fully_shard` on each,
+then `qi.shard`), fsdp1peft (PEFT's documented recipe: its `fsdp_auto_wrap_policy`, `use_orig_params=False`).
+Each format is loaded once; every scenario trains a copy. Before joining the group every rank trains the
+same model alone on the whole batch (the reference); then each rank trains on its half. Written to OUT:
+each rank's gathered adapter and base after training (safetensors), rank 0's single-process adapter, and
+per rank a JSON of fused-op calls, adapter saves, errors and seconds per scenario.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -38,11 +41,19 @@ def load(quant: str, directory: str):
     return never_repack(LlamaForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu"))
 
 
+_LOADED: dict = {}
+
+
 def lora_model(quant: str, directory: str):
+    """A fresh LoRA model (seed 0) on a copy of the format's base, loaded once per process."""
+    import copy
+
     import qlora_inject as qi
 
+    if quant not in _LOADED:
+        _LOADED[quant] = load(quant, directory)
     torch.manual_seed(0)
-    return qi.LoraModel(load(quant, directory), qi.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    return qi.LoraModel(copy.deepcopy(_LOADED[quant]), qi.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
 
 
 def batch() -> torch.Tensor:
@@ -69,21 +80,21 @@ def wrap(engine: str, model):
         return DistributedDataParallel(model)
     if engine == "fsdp2":
         return qi.shard(model)
-    if engine == "fsdp2lora":                                               # PEFT's policy: LoRA Linears alone
+    if engine == "fsdp2lora":                                               # PEFT's policy: LoRA Linears alone too
         from torch.distributed.fsdp import fully_shard
 
         for name, module in model.named_modules():
             if name.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"]):
                 fully_shard(module)
-        try:
-            qi.shard(model)
-        except ValueError as err:
-            model.shard_refused = str(err)
-        for layer in model.model.model.layers:                              # as a user would, by hand
-            fully_shard(layer)
-        return fully_shard(model)
+        return qi.shard(model)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
+    if engine == "fsdp1peft":                                               # PEFT's documented recipe
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        return FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
+                                        ignored_states=list(unshardable_params(model)),
+                                        device_id=torch.device("cpu"))
     return FullyShardedDataParallel(model, auto_wrap_policy=qi.fsdp_wrap_policy(model), use_orig_params=True,
                                     ignored_states=list(unshardable_params(model)), device_id=torch.device("cpu"))
 
@@ -91,7 +102,7 @@ def wrap(engine: str, model):
 def full_state(engine: str, model, wrapper) -> dict[str, torch.Tensor]:
     from qlora_inject.distributed import gather_full
 
-    state = wrapper.state_dict() if engine == "fsdp1" else model.state_dict()   # FSDP1: full via its hooks
+    state = wrapper.state_dict() if engine.startswith("fsdp1") else model.state_dict()   # FSDP1: full via its hooks
     return {k.removeprefix("module."): v for k, v in gather_full(state).items()}
 
 
@@ -110,11 +121,12 @@ def run(scenario: str, rank: int, out: Path, directory: str, calls: list, saves:
     ids = batch()[rank * BATCH // 2:(rank + 1) * BATCH // 2]
     calls.clear()
     saves.clear()
+    start = time.perf_counter()
     wrapper = wrap(engine, model)
     try:
         train(model, wrapper, ids)
     except RuntimeError as err:
-        return {"error": str(err), "shard_refused": getattr(model, "shard_refused", None)}
+        return {"error": str(err), "trace": traceback.format_exc()}
     after = full_state(engine, model, wrapper)
     from safetensors.torch import save_file
 
@@ -122,8 +134,9 @@ def run(scenario: str, rank: int, out: Path, directory: str, calls: list, saves:
     base_changed = sorted(k for k, v in before.items() if k in after and not same_bits(v, after[k]))
     save_file({k: v.contiguous() for k, v in lora.items()}, out / f"{scenario}-rank{rank}.safetensors")
     model.save_pretrained(out / f"{scenario}-adapter")
-    result = {"fused_calls": len(calls), "saves": len(saves), "base_changed": base_changed,
-              "base_checked": sum(k in after for k in before)}
+    result = {"fused_calls": len(calls), "fused_with_lora": sum(n > 0 for n in calls), "saves": len(saves),
+              "base_changed": base_changed, "base_checked": sum(k in after for k in before),
+              "seconds": round(time.perf_counter() - start, 2)}
     if engine == "ddp":                                                     # the inner module trains apart: refused
         try:
             qi.causal_lm_loss(model, ids)
@@ -133,7 +146,7 @@ def run(scenario: str, rank: int, out: Path, directory: str, calls: list, saves:
 
 
 def run_trainer(rank: int, out: Path, directory: str, saves: list) -> dict:
-    """transformers' Trainer under DDP (accelerate finds the group) with SaveAdapterCallback, saving at step 2."""
+    """transformers' Trainer under `accelerate launch` (DDP over gloo) with SaveAdapterCallback, saving at step 2."""
     from safetensors.torch import save_file
     from transformers import Trainer, TrainingArguments
 
@@ -150,7 +163,8 @@ def run_trainer(rank: int, out: Path, directory: str, saves: list) -> dict:
     trainer.train()
     lora = {k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}
     save_file(lora, out / f"trainer-rank{rank}.safetensors")
-    return {"saves": len(saves), "parallel_mode": str(arguments.parallel_mode), "world_size": arguments.world_size}
+    return {"saves": len(saves), "parallel_mode": str(arguments.parallel_mode), "world_size": arguments.world_size,
+            "distributed_type": str(trainer.accelerator.state.distributed_type)}
 
 
 def cli(out: Path, argv: list[str]) -> None:
@@ -193,15 +207,17 @@ def _join_fresh_group() -> None:
 def main() -> None:
     if sys.argv[1] == "cli":
         return cli(Path(sys.argv[2]), sys.argv[3:])
-    rank, world, port = (int(a) for a in sys.argv[1:4])
-    out, directory, scenarios = Path(sys.argv[4]), sys.argv[5], sys.argv[6].split(",")
+    import os
+
+    out, directory, scenarios = Path(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+    rank = int(os.environ["RANK"])                                          # set by the launcher
     import qlora_inject.adapter_io as adapter_io
     import qlora_inject.lora as lora
 
     calls: list = []
     saves: list = []
     fused, save = lora.fused_lora_linear, adapter_io.save_adapter
-    lora.fused_lora_linear = lambda *a, **k: calls.append(1) or fused(*a, **k)
+    lora.fused_lora_linear = lambda *a, **k: calls.append(len(a[4])) or fused(*a, **k)    # adapters fused in
     adapter_io.save_adapter = lambda *a, **k: saves.append(1) or save(*a, **k)
 
     for quant in sorted({s.split("-")[1] for s in scenarios if not s.startswith("trainer")}):   # one process
@@ -210,11 +226,7 @@ def main() -> None:
         if rank == 0:
             model.save_pretrained(out / f"single-{quant}-adapter")
 
-    import os
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))                                 # as a launcher sets them (Trainer)
-    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    dist.init_process_group("gloo")                                          # the launcher's RANK, WORLD_SIZE, ...
     results = {}
     for scenario in scenarios:
         try:
