@@ -152,6 +152,37 @@ def shard(model: nn.Module, mesh=None, **fsdp_kwargs) -> nn.Module:
     return fully_shard(model, mesh=mesh, **fsdp_kwargs)
 
 
+def configure_fsdp_plugin(model: nn.Module, plugin) -> None:
+    """Set accelerate's FSDP plugin for `model` as Trainer sets it for PEFT models only: call it after
+    `Trainer(...)` (or before `accelerator.prepare`) with `trainer.accelerator.state.fsdp_plugin`.
+
+    One unit per decoder layer with its LoRA inside (`transformer_cls_names_to_wrap`), `use_orig_params`
+    for FSDP1 (a unit holds frozen and trainable weights), the modules holding `unshardable_params` as
+    `ignored_modules` (kept whole on every rank), and FSDP's mixed precision set to a float bitsandbytes
+    4-bit storage dtype other than float32, as Trainer does for PEFT's QLoRA.
+
+    Args:
+        model: The `LoraModel` (or a model holding LoRA layers) accelerate will shard.
+        plugin: An `accelerate.utils.FullyShardedDataParallelPlugin`; changed in place.
+    """
+    import functools
+
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    layer_types = {type(layer) for layer in _layers_or_raise(model)}
+    plugin.transformer_cls_names_to_wrap = sorted(cls.__name__ for cls in layer_types)
+    plugin.auto_wrap_policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_types)
+    if getattr(plugin, "fsdp_version", 1) == 1:
+        plugin.use_orig_params = True
+    whole = unshardable_params(model)
+    if whole:
+        plugin.ignored_modules = [m for m in model.modules() if any(p in whole for p in m.parameters(recurse=False))]
+    storage = {m.weight.dtype for m in model.modules()
+               if type(m).__name__ == "Linear4bit" and m.weight.is_floating_point()}
+    if len(storage) == 1 and (dtype := storage.pop()) != torch.float32:
+        plugin.set_mixed_precision(dtype, override=True)
+
+
 def _layers_or_raise(model: nn.Module) -> list[nn.Module]:
     layers = decoder_layers(model)
     if not layers:
@@ -303,7 +334,7 @@ def gather_full(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 __all__ = ["adapters_are_fsdp_units", "all_gather_tensor", "all_reduce_sum", "any_rank", "barrier", "base_trains",
-           "decoder_layers", "engine_of", "forward_through_adapter_units", "fsdp_wrap_policy", "gather_full",
-           "is_dtensor", "is_main_process", "is_sharded", "join_launched_group", "launched_rank",
-           "launched_world_size", "rank", "remember_base", "shard", "shard_optimizer_state", "unshardable_params",
-           "use_local_gpu", "world_size"]
+           "configure_fsdp_plugin", "decoder_layers", "engine_of", "forward_through_adapter_units",
+           "fsdp_wrap_policy", "gather_full", "is_dtensor", "is_main_process", "is_sharded", "join_launched_group",
+           "launched_rank", "launched_world_size", "rank", "remember_base", "shard", "shard_optimizer_state",
+           "unshardable_params", "use_local_gpu", "world_size"]

@@ -219,11 +219,22 @@ def test_dora_with_lora_linears_as_their_own_fsdp_units_is_refused_naming_the_fi
         model(torch.randn(2, model.proj.in_features))
 
 
+def _unit_names(plugin, model) -> list[str]:
+    """The modules accelerate makes FSDP units of, through its own policy code for the plugin's version."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    if plugin.fsdp_version == 2:
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    else:
+        def policy(module):
+            return plugin.auto_wrap_policy(module=module, recurse=False, nonwrapped_numel=0)
+    return [name for name, module in model.named_modules() if policy(module)]
+
+
 @pytest.mark.parametrize("fsdp_version", [1, 2])
 def test_accelerate_transformer_based_wrap_makes_one_unit_per_decoder_layer_with_its_lora(fsdp_version):
     pytest.importorskip("accelerate")
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
     import qlora_inject as qi
 
@@ -232,13 +243,37 @@ def test_accelerate_transformer_based_wrap_makes_one_unit_per_decoder_layer_with
     model = qi.LoraModel(load_tiny_llama("nf4"), qi.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version, auto_wrap_policy="transformer_based_wrap")
     plugin.set_auto_wrap_policy(model)                                      # reads the LoraModel's _no_split_modules
-    if fsdp_version == 2:
-        policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
-    else:
-        def policy(module):
-            return plugin.auto_wrap_policy(module=module, recurse=False, nonwrapped_numel=0)
-    units = [name for name, module in model.named_modules() if policy(module)]
-    assert units == ["model.model.layers.0", "model.model.layers.1"]       # each holding its LoRA Linears
+    assert _unit_names(plugin, model) == ["model.model.layers.0", "model.model.layers.1"]   # LoRA inside
+
+
+@pytest.mark.parametrize("fsdp_version", [1, 2])
+def test_configure_fsdp_plugin_gives_accelerate_what_trainer_gives_peft_models(fsdp_version):
+    pytest.importorskip("accelerate")
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    import qlora_inject as qi
+    from qlora_inject.backends.bnb import never_repack
+    from qlora_inject.distributed import configure_fsdp_plugin
+
+    from factories import load_tiny_llama
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                bnb_4bit_quant_storage=torch.bfloat16)
+    nf4 = never_repack(LlamaForCausalLM.from_pretrained(tiny_llama_dir(), quantization_config=config,
+                                                        device_map="cpu"))
+    lora = qi.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
+    model = qi.LoraModel(nf4, lora)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version, use_orig_params=False)   # size-based default
+    configure_fsdp_plugin(model, plugin)
+    assert _unit_names(plugin, model) == ["model.model.layers.0", "model.model.layers.1"]
+    assert fsdp_version == 2 or plugin.use_orig_params is True             # FSDP1: frozen and trainable in a unit
+    precision = plugin.mixed_precision_policy                               # the float storage's dtype, as for PEFT
+    assert precision.param_dtype == torch.bfloat16 and not plugin.ignored_modules
+    hqq = qi.LoraModel(load_tiny_llama("hqq"), lora)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=fsdp_version)
+    configure_fsdp_plugin(hqq, plugin)
+    assert {type(m).__name__ for m in plugin.ignored_modules} == {"HQQLinear"}   # W_q kept whole on every rank
 
 
 # --- qlora-inject train under torchrun ------------------------------------------------------------
