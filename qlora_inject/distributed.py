@@ -3,6 +3,7 @@ needs to know about them.
 
     qlora_inject.shard(lora_model)                 # FSDP2: fully_shard per decoder layer, then the root
     FSDP(lora_model, auto_wrap_policy=qlora_inject.fsdp_wrap_policy(lora_model), use_orig_params=True)
+    configure_fsdp_plugin(lora_model, trainer.accelerator.state.fsdp_plugin)   # Trainer / accelerate
 
 Each decoder layer is one FSDP unit holding its LoRA Linears: the fused op reads `lora_A`/`lora_B`
 weights without running those modules' forward, so they are gathered with their layer. Where the LoRA
