@@ -239,9 +239,11 @@ def dequantization_notes(workload: LayerWorkload) -> list[str]:
     for (fmt, dtype, out_dtype, _, threads), (chosen, timings) in autotune.decisions().items():
         ranked = sorted(timings.items(), key=lambda item: item[1])
         times = ", ".join(f"{name} {seconds * 1e3:.1f}" for name, seconds in ranked)
-        into = "a new tensor" if out_dtype is None else f"the {str(out_dtype).removeprefix('torch.')} buffer"
-        lines.append(f"dequantization path kept for {fmt} {str(dtype).removeprefix('torch.')} into {into}, "
-                     f"{threads} threads: {chosen} (best ms: {times})")
+        product = fmt.startswith("base ")                                 # dequant_matmul_tiled's whole-or-tiles
+        kind = f"with {str(out_dtype).removeprefix('torch.')} operands" if product else (
+            "into a new tensor" if out_dtype is None else f"into the {str(out_dtype).removeprefix('torch.')} buffer")
+        lines.append(f"{'path' if product else 'dequantization path'} kept for {fmt} "
+                     f"{str(dtype).removeprefix('torch.')} {kind}, {threads} threads: {chosen} (best ms: {times})")
     return lines
 
 
