@@ -30,6 +30,7 @@ import torch
 
 from qlora_inject.backends.bnb import never_repack
 from qlora_inject.bench import machine, markdown_table, plot_bars, save_report
+from qlora_inject.registry import quant_names
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -54,8 +55,8 @@ def build(fmt: str, library: str, dtype_name: str, args) -> Callable[[], None]:
     warnings.simplefilter("ignore")
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from qlora_inject.pretrained import quiet_transformers
     from qlora_inject.quantize import quantize_model
-    from qlora_inject.train import quiet_transformers
 
     quiet_transformers()
     torch.manual_seed(0)
@@ -65,8 +66,7 @@ def build(fmt: str, library: str, dtype_name: str, args) -> Callable[[], None]:
                          num_key_value_heads=args.kv_heads, max_position_embeddings=2 * args.seq)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
-    if fmt != "none":
-        quantize_model(model, fmt, compute_dtype=dtype, device=device, group_size=64 if fmt == "hqq" else 128)
+    quantize_model(model, fmt, compute_dtype=dtype, device=device)  # each format's own group size; none: as is
     never_repack(model)                                              # no in-place CPU repack in either library
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -178,7 +178,7 @@ def in_process(target, *args_) -> dict | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one LoRA training step of a quantized Llama: ours vs PEFT")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults for a named workload")
-    parser.add_argument("--formats", default="none,nf4,int8,hqq,gptq,awq")
+    parser.add_argument("--formats", default=",".join(quant_names()), help="default: every registered format")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=None, help="default: about 2.75 x hidden")
     parser.add_argument("--heads", type=int, default=8)

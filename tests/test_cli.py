@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qlora_inject import cli, train
+from qlora_inject import cli, pretrained, train
 from qlora_inject.backends.bnb import never_repack
 
 from conftest import requires
@@ -46,7 +46,7 @@ def test_the_saved_adapter_loads_in_peft_with_identical_outputs(trained, tmp_pat
     from qlora_inject import LoraModel
 
     def base():
-        return train.load_model(train.build_default_model(tmp_path / "m"), "nf4")
+        return pretrained.load_model(train.build_default_model(tmp_path / "m"), "nf4")
 
     ids = torch.randint(0, 256, (2, 16))
     ours = LoraModel.from_pretrained(base(), trained)
@@ -85,7 +85,8 @@ def test_merge_exports_a_dense_model_with_the_adapted_outputs(trained, tmp_path)
     out = tmp_path / "merged"
     assert run("merge", "tiny", str(trained), str(out), "--dequantize") == 0
     merged = AutoModelForCausalLM.from_pretrained(out)
-    adapted = LoraModel.from_pretrained(train.load_model(train.build_default_model(tmp_path / "m"), "nf4"), trained)
+    base = pretrained.load_model(train.build_default_model(tmp_path / "m"), "nf4")
+    adapted = LoraModel.from_pretrained(base, trained)
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-3, rtol=1e-3)
@@ -137,7 +138,7 @@ def test_merge_copies_the_base_tokenizer_and_gets_the_umask(tmp_path):
     words = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(base)
-    LoraModel(train.load_model(base, "none"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+    LoraModel(pretrained.load_model(base, "none"), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
         tmp_path / "adapter")
     previous = __import__("os").umask(0o022)
     try:

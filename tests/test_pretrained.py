@@ -123,7 +123,7 @@ def test_exact_match_is_every_answer_token_and_the_closing_newline():
 def test_scoring_leaves_layers_that_lora_does_not_wrap_trainable(tmp_path):
     from qlora_inject import LoraConfig, LoraModel
 
-    model = train.load_model(train.build_default_model(tmp_path / "m", hidden=64, layers=1), "nf4")
+    model = pretrained.load_model(train.build_default_model(tmp_path / "m", hidden=64, layers=1), "nf4")
     lora_model = LoraModel(model, LoraConfig(r=2, target_modules=["q_proj"]))
     date_task.evaluate(lora_model, ByteTokenizer(), date_task.make_split(train_size=1, held_out_size=2)[1], samples=0)
     bare = lora_model.model.model.layers[0].self_attn.k_proj
