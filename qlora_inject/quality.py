@@ -29,40 +29,31 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-ORDER = ("none", "nf4", "fp4", "int8", "hqq", "gptq", "awq")   # the table's order; other registered formats follow
-
 
 def quality_formats() -> tuple[str, ...]:
-    """Every format users can name (`registry.quant_names()`), dense first."""
-    from qlora_inject.registry import quant_names
+    """Every format users can name (`registry.quant_names()`), dense (`none`) first."""
+    from qlora_inject.registry import quantized_names
 
-    names = quant_names()
-    return tuple([q for q in ORDER if q in names] + [q for q in names if q not in ORDER])
+    return ("none", *quantized_names())
 
 
 def quantizer(quant: str, group_size: int) -> str:
-    """How format `quant` was made here, in a few words (the table's second column)."""
-    return {
-        "none": "fp32, not quantized",
-        "nf4": "bitsandbytes NF4, blocks of 64, double quant",
-        "fp4": "bitsandbytes FP4, blocks of 64",
-        "int8": "bitsandbytes LLM.int8, per row",
-        "hqq": f"HQQ 4-bit, groups of {group_size}, its data-free optimizer",
-        "gptq": f"GPTQ 4-bit, groups of {group_size}: round-to-nearest, no calibration",
-        "awq": f"AWQ 4-bit, groups of {group_size}: round-to-nearest, no calibration",
-    }.get(quant, f"{quant}: the registered backend's quantizer")
+    """How format `quant` was made here, in a few words (the table's second column): its backend says."""
+    from qlora_inject.registry import format_for
+
+    return format_for(quant).quantizer_summary(quant, group_size)
 
 
 @dataclass(frozen=True)
 class QualityWorkload:
     """What `run_quality` runs: the default job (`TrainOptions()` but for these fields) in each format."""
 
-    formats: tuple[str, ...] = ORDER
+    formats: tuple[str, ...] = field(default_factory=quality_formats)
     steps: int = 30                                    # the default job's
     seed: int = 0
     own_process: bool = True                           # each format in a fresh process (its own peak memory)

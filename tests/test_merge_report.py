@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from qlora_inject import LoraConfig, LoraModel, causal_lm_loss, train
+from qlora_inject import LoraConfig, LoraModel, causal_lm_loss, pretrained, train
 from qlora_inject.merge_report import MergeGain, MergeLossWarning, default_held_out, measure_merge
 
 from conftest import requires
@@ -23,7 +23,7 @@ def model_dir(tmp_path_factory):
 
 def trained(model_dir, quant: str, lr: float, batch: torch.Tensor) -> LoraModel:
     """A LoRA adapter fitted to `batch` by three AdamW steps (small `lr`: an update below NF4's rounding)."""
-    model = LoraModel(train.load_model(model_dir, quant), LoraConfig(r=4, target_modules="all-linear",
+    model = LoraModel(pretrained.load_model(model_dir, quant), LoraConfig(r=4, target_modules="all-linear",
                                                                    lora_dropout=0.0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(3):

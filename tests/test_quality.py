@@ -69,7 +69,7 @@ def test_every_format_asked_for_has_a_row_of_finite_numbers_and_a_dense_merge_ke
     text = quality.save_quality(tmp_path / "out", workload, results, {"awq": "the awq run failed\n(exit status 1)"})
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table) == 2 + 2 and all(line.count("|") == len(quality.COLUMNS) + 1 for line in table)
-    assert table[2].startswith(f"| none | fp32, not quantized | {dense.base_loss:.3f} |")
+    assert table[2].startswith(f"| none | not quantized | {dense.base_loss:.3f} |")
     assert table[3].startswith(f"| nf4 | {nf4.quantizer} | {nf4.base_loss:.3f} |")
     assert "awq failed: the awq run failed (exit status 1)" in text
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"quality.md", "quality.png", "quality.json"}
