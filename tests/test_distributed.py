@@ -25,12 +25,10 @@ pytestmark = [requires("bitsandbytes"), requires("hqq"),
 
 FORMATS = ["nf4", "int8", "hqq", "gptq", "awq"]
 # fsdp1: qi.fsdp_wrap_policy with use_orig_params=True; fsdp1peft: PEFT's recipe (its fsdp_auto_wrap_policy, each
-# LoRA Linear its own unit, use_orig_params=False), on one format per way FSDP holds the base: a float flat
-# parameter (nf4), an ignored integer parameter (hqq; int8 alike), buffers it never touches (gptq; awq alike).
-# All five formats under PEFT's recipe pass too; the suite runs three to stay fast. fsdp2lora: each LoRA Linear
-# fully_shard-ed on its own, then qi.shard.
-TRAINED = ([f"{engine}-{quant}" for engine in ("ddp", "fsdp2", "fsdp1") for quant in FORMATS]
-           + ["fsdp1peft-nf4", "fsdp1peft-hqq", "fsdp1peft-gptq", "fsdp2lora-nf4"])
+# LoRA Linear its own unit, use_orig_params=False), on every format. fsdp2lora: each LoRA Linear fully_shard-ed
+# on its own, then qi.shard.
+TRAINED = ([f"{engine}-{quant}" for engine in ("ddp", "fsdp2", "fsdp1", "fsdp1peft") for quant in FORMATS]
+           + ["fsdp2lora-nf4"])
 ADAPTERS_ALONE = ("fsdp1peft", "fsdp2lora")                           # LoRA Linears as their own FSDP units
 SCENARIOS = [*TRAINED, "trainer-nf4"]
 WORLD = 2
