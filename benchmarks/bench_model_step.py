@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from qlora_inject.backends.bnb import never_repack
-from qlora_inject.bench import machine, markdown_table, plot_bars, save_report
+from qlora_inject.bench import machine, markdown_table, plot_bars, proc_status_mib, reset_peak_rss, save_report
 from qlora_inject.registry import quant_names
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -108,22 +108,6 @@ def timed(step: Callable[[], None], cuda: bool) -> float:
     return time.perf_counter() - start
 
 
-def reset_peak_rss() -> bool:
-    """Start the process's peak resident memory (VmHWM, `ru_maxrss`) afresh from now, as
-    `torch.cuda.reset_peak_memory_stats` does on a GPU; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def resident_mib() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-
 def memory_run(fmt: str, library: str, dtype_name: str, args, queue) -> None:
     """Peak memory of one library's training steps (a process of its own, so the peak is its own):
     on a GPU the peak allocated, on the CPU the peak resident memory while the steps ran (building
@@ -136,7 +120,7 @@ def memory_run(fmt: str, library: str, dtype_name: str, args, queue) -> None:
         torch.cuda.reset_peak_memory_stats()
     rss_reset = reset_peak_rss()
     scope = "training" if cuda or rss_reset else "process"
-    before = resident_mib()
+    before = proc_status_mib("VmRSS")
     for _ in range(2):
         timed(step, cuda)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

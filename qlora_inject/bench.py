@@ -61,6 +61,28 @@ class LayerResult:
 QUICK = LayerWorkload(in_features=1024, out_features=2816, repeat=5)
 
 
+def reset_peak_rss() -> bool:
+    """Start the process's peak resident memory (Linux VmHWM, `ru_maxrss`) afresh from now, as
+    `torch.cuda.reset_peak_memory_stats` does on a GPU; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def proc_status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (`VmRSS`, `VmHWM`, ...) in MiB.
+
+    Raises:
+        OSError: no such file or line (not Linux).
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024                              # kB
+    raise OSError(f"/proc/self/status has no {field} line")
+
+
 def machine() -> str:
     """One line naming the machine and the library versions."""
     cpu = platform.processor() or platform.machine()

@@ -106,6 +106,7 @@ def measure_format(quant: str, workload: QualityWorkload = QualityWorkload(),
 def _measure_format(quant: str, workload: QualityWorkload, log: Callable[[str], None], source: Path) -> QualityResult:
     from qlora_inject import date_task, train
     from qlora_inject.model import LoraModel
+    from qlora_inject.pretrained import load_model
     from qlora_inject.quantize import default_group_size
 
     with tempfile.TemporaryDirectory(prefix="qlora-inject-quality-") as tmp:
@@ -116,12 +117,12 @@ def _measure_format(quant: str, workload: QualityWorkload, log: Callable[[str], 
         result = train.train(options, log=lambda line: log(f"[{quant}] {line}"))
         seconds, peak_mib = time.perf_counter() - began, peak.mib()
         adapter_mib = (Path(tmp) / "adapter_model.safetensors").stat().st_size / 2**20
-        task = train.DateTask(source, options.batch_size)                  # the run's held-out dates
+        task = train.DateTask(source, options.batch_size)  # the run's held-out dates, as train made them
 
         def score(model) -> date_task.Evaluation:
             return date_task.evaluate(model, task.tokenizer, task.held_out, samples=0)
 
-        model = LoraModel.from_pretrained(train.load_model(source, quant), tmp)
+        model = LoraModel.from_pretrained(load_model(source, quant), tmp)
         reloaded = score(model)
         model.merge_adapter()
         merged = score(model)
@@ -134,24 +135,20 @@ def _measure_format(quant: str, workload: QualityWorkload, log: Callable[[str], 
 
 class PeakMemory:
     """The process's peak resident memory from now on, above its resident memory now (Linux: VmHWM,
-    restarted by writing 5 to /proc/self/clear_refs; `mib()` is None where that is not allowed)."""
+    restarted through /proc/self/clear_refs; `mib()` is None where that is not allowed)."""
 
     def __init__(self) -> None:
+        from qlora_inject.bench import proc_status_mib, reset_peak_rss
+
         try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.start: float | None = _proc_status_mib("VmRSS")
+            self.start: float | None = proc_status_mib("VmRSS") if reset_peak_rss() else None
         except OSError:
             self.start = None
 
     def mib(self) -> float | None:
-        return None if self.start is None else _proc_status_mib("VmHWM") - self.start
+        from qlora_inject.bench import proc_status_mib
 
-
-def _proc_status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024       # kB
-    raise OSError(f"/proc/self/status has no {field} line")
+        return None if self.start is None else proc_status_mib("VmHWM") - self.start
 
 
 def run_quality(workload: QualityWorkload = QualityWorkload(),

@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from qlora_inject.quantize import linear_from
 from qlora_inject.registry import BackendBase, class_is
 
 
@@ -52,8 +53,6 @@ class DenseBackend(BackendBase):
     def quantize(self, linear: nn.Linear, quant: str, *, compute_dtype: torch.dtype = torch.float32,
                  group_size: int = 64, bits: int = 4, device: str | torch.device = "cpu") -> nn.Module:
         """The `none` format: a dense copy of `linear` in `compute_dtype`."""
-        from qlora_inject.quantize import linear_from
-
         bias = None if linear.bias is None else linear.bias.detach()
         return linear_from(linear.weight.detach(), bias, compute_dtype, device)
 
