@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -30,22 +32,40 @@ from torch import Tensor
 from qlora_inject.kernels.workspace import scratch_or_new
 
 
+POOL_ENV = "NUMBA_NUM_THREADS"
+
+
 @functools.cache
 def available() -> bool:
     """True when numba imports (the kernels compile on first use, then come from its cache).
 
     A numba that is installed but fails to import (say, built for another numpy) is reported once
     and the torch twins are used instead.
+
+    numba starts its thread pool at `NUMBA_NUM_THREADS` threads (the core count unless set), read at its
+    import. Left at that, a process given fewer torch threads (one per rank under torchrun, which sets
+    `OMP_NUM_THREADS=1`) keeps numba's extra workers spinning after every kernel, on the cores the other
+    ranks' torch threads need: a DDP step on 2 ranks × 1 thread ran 2.9× slower (NF4, 530 against 1,541
+    tokens/s, AMD EPYC 2 cores), and no measurement of the kernel alone can see it, since the cost lands on
+    the rest of the step. So unless the user set it, numba is imported with its pool sized to torch's
+    thread count (the variable stays set, and child processes inherit it).
     """
     if importlib.util.find_spec("numba") is None:
         return False                                                        # not installed: no warning
+    if "numba" not in sys.modules:
+        os.environ.setdefault(POOL_ENV, str(torch.get_num_threads()))       # numba sizes its pool at import
     try:
-        import numba  # noqa: F401
+        import numba
     except Exception as err:                                                # any import failure: fall back
         warnings.warn(f"numba is installed but does not import ({err}); dequantizing on the CPU with the "
                       "slower torch twins instead. Reinstall it: pip install --force-reinstall numba",
                       RuntimeWarning, stacklevel=2)
         return False
+    if numba.config.NUMBA_NUM_THREADS > torch.get_num_threads() and POOL_ENV not in os.environ:
+        warnings.warn(f"numba was imported before qlora_inject with a pool of {numba.config.NUMBA_NUM_THREADS} "
+                      f"threads, more than torch's {torch.get_num_threads()}; its idle workers will take cores from "
+                      f"torch's (one process per core, as under torchrun, slows 2-4x). Set {POOL_ENV}="
+                      f"{torch.get_num_threads()} before anything imports numba", RuntimeWarning, stacklevel=2)
     return True
 
 

@@ -201,6 +201,43 @@ def test_a_numba_that_does_not_import_falls_back_to_the_twins_with_a_warning(mon
         dequant_cpu.available.cache_clear()
 
 
+_POOL_PROBE = """
+import os, sys, warnings, torch
+torch.set_num_threads(1)
+if sys.argv[1] == "numba-first":
+    import numba
+from qlora_inject.kernels import dequant_cpu
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert dequant_cpu.available()
+import numba
+print(numba.config.NUMBA_NUM_THREADS, os.environ.get("NUMBA_NUM_THREADS"), [str(w.message) for w in caught])
+"""
+
+
+def _pool_probe(mode: str, **env: str) -> tuple[int, str | None, list[str]]:
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    done = subprocess.run([sys.executable, "-c", _POOL_PROBE, mode], env={**clean, **env}, capture_output=True,
+                          text=True, timeout=120, check=True)
+    pool, variable, warned = done.stdout.strip().splitlines()[-1].split(" ", 2)
+    return int(pool), None if variable == "None" else variable, ast.literal_eval(warned)
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="needs a pool numba would size above one thread")
+def test_numbas_pool_is_sized_to_torchs_threads_unless_the_user_set_it():
+    """One torch thread per process (torchrun's default) with numba's pool at the core count ran DDP 2.9x
+    slower: numba's idle workers spun on the cores the other ranks needed."""
+    assert _pool_probe("ours-first") == (1, "1", [])
+    assert _pool_probe("ours-first", NUMBA_NUM_THREADS="2")[:2] == (2, "2")          # the user's choice stands
+    pool, _, warned = _pool_probe("numba-first")                                     # too late to size it
+    assert pool > 1 and any("NUMBA_NUM_THREADS=1 before anything imports numba" in w for w in warned), warned
+
+
 def test_the_first_use_measures_every_path_keeps_the_fastest_and_later_calls_run_only_it(monkeypatch):
     monkeypatch.delenv("QLORA_INJECT_KERNEL")
     calls = {"numba": 0, "torch": 0}
