@@ -17,15 +17,26 @@ from torch import Tensor
 from qlora_inject.kernels import autotune, dequant_cpu, dequant_matmul_tiled, triton_runs
 
 
-def dequantize_blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int) -> Tensor:
-    """Dequantize 8-bit blockwise codes: `code[codes[i]] * absmax[i // blocksize]`, fp32 (once per tiled
-    product, `dequant_matmul_tiled.once_per_product`: double quantization's absmax for every tile)."""
+def dequantize_blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int,
+                              offset: Tensor | float = 0.0) -> Tensor:
+    """Dequantize 8-bit blockwise codes: `code[codes[i]] * absmax[i // blocksize] + offset`, fp32 (once per
+    tiled product, `dequant_matmul_tiled.once_per_product`: double quantization's absmax for every tile).
+    On the CPU with numba, one pass (`dequant_cpu.blockwise_8bit`, the twin's bits); the twin otherwise."""
     def decode() -> Tensor:
-        values = code.float()[codes.reshape(-1).long()]                      # (n,)
-        return _scale_blocks(values, absmax.float(), blocksize)
+        if codes.device.type == "cpu" and dequant_cpu.available():
+            return dequant_cpu.blockwise_8bit(codes, code, absmax, blocksize, offset)
+        return dequantize_blockwise_8bit_torch(codes, code, absmax, blocksize, offset)
 
-    key = tuple((t.data_ptr(), t._version, t.numel()) for t in (codes, code, absmax)) + (blocksize,)
+    shift = (offset.data_ptr(), offset._version) if isinstance(offset, Tensor) else offset   # no device sync
+    key = tuple((t.data_ptr(), t._version, t.numel()) for t in (codes, code, absmax)) + (blocksize, shift)
     return dequant_matmul_tiled.once_per_product(key, decode)
+
+
+def dequantize_blockwise_8bit_torch(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int,
+                                    offset: Tensor | float = 0.0) -> Tensor:
+    """Pure-torch twin of `dequantize_blockwise_8bit`: fp32 (n,)."""
+    values = code.float()[codes.reshape(-1).long()]                          # (n,)
+    return _scale_blocks(values, absmax.float(), blocksize) + offset
 
 
 def dequantize_4bit_torch(

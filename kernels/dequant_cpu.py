@@ -31,7 +31,6 @@ from torch import Tensor
 
 from qlora_inject.kernels.workspace import scratch_or_new
 
-
 POOL_ENV = "NUMBA_NUM_THREADS"
 
 
@@ -72,8 +71,16 @@ def available() -> bool:
 @functools.cache
 def _kernels():
     module = importlib.import_module("qlora_inject.kernels.dequant_cpu_numba")
-    names = ("blockwise_4bit", "rowwise_int8", "gptq", "awq", "hqq_4bit", "convert")
+    names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_8bit", "rowwise_int8", "gptq", "awq", "hqq_4bit",
+             "convert")
     return {name: getattr(module, name) for name in names}
+
+
+@functools.cache
+def avx512() -> bool:
+    """True when the NF4/FP4 kernel can look its codes up 32 at a time (AVX-512 F and BW, numba compiling
+    for this CPU): `dequant_cpu_numba.blockwise_4bit_avx512`."""
+    return importlib.import_module("qlora_inject.kernels.dequant_cpu_numba").avx512_available()
 
 
 _threads = threading.local()                                               # a candidate's thread count
@@ -147,8 +154,24 @@ def blockwise_4bit(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, n
         raise ValueError(f"a 4-bit code table has 16 values, this one {code.numel()}; pass the layer's "
                          "quant_state.code (NF4 or FP4)")
     result, array, mode = _target(numel, dtype, out)
-    _kernel("blockwise_4bit")(_array(data), _array(absmax.float().contiguous()),
-                              _array(code.float().cpu()[:16].contiguous()), blocksize, numel, mode, array)
+    packed, scales = _array(data), _array(absmax.float().contiguous())
+    table = _array(code.float().cpu()[:16].contiguous())
+    whole = numel // blocksize if blocksize % 32 == 0 and avx512() else 0   # blocks looked up 32 codes at a time
+    if whole:
+        _kernel("blockwise_4bit_avx512")(packed, scales, table, blocksize, whole, mode, array)
+    done = whole * blocksize
+    if done < numel:                                                        # a partial last block, or no AVX-512
+        _kernel("blockwise_4bit")(packed[done // 2:], scales[whole:], table, blocksize, numel - done, mode,
+                                  array[done:])
+    return result
+
+
+def blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int, offset: Tensor | float) -> Tensor:
+    """8-bit blockwise codes (double quantization's absmax) → fp32 `code[c] · absmax[i // blocksize] + offset`,
+    the twin's bits, in one pass."""
+    result = torch.empty(codes.numel(), dtype=torch.float32)
+    _kernel("blockwise_8bit")(_array(codes.contiguous().view(-1).view(torch.uint8)), _array(code.float().contiguous()),
+                              _array(absmax.float().contiguous()), blocksize, float(offset), _array(result))
     return result
 
 

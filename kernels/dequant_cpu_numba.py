@@ -10,8 +10,8 @@ import functools
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba.core import types
+from llvmlite import binding, ir
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 _parallel = functools.partial(numba.njit, parallel=True, cache=True, nogil=True)
@@ -108,6 +108,127 @@ def blockwise_4bit(packed, absmax, code, blocksize, numel, mode, out):
                 out[2 * j + 1] = table[byte & 15]
             if end & 1:
                 out[end - 1] = table[packed[end >> 1] >> 4]
+
+
+# --- NF4/FP4 with AVX-512: a 16-entry table lookup is one permute instruction -------------------------
+#
+# Per block the 16 values code[k] · absmax, rounded as `mode` asks, form a table held in one vector
+# register; 16 bytes of codes (32 elements) are widened so each element's nibble indexes it, and one
+# `vpermw` (16-bit outputs: fp16/bf16 bits) or two `vpermps` (fp32 outputs) look all 32 up at once. The
+# scalar kernel above does one lookup per element. Same tables, same bits: only the lookup changed. On
+# the 2-core AMD EPYC, 11008 × 4096 NF4 into bf16, 2 threads: 22.7 ms (scalar) → 7.0 ms, bit-identical.
+
+_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+
+
+def avx512_available() -> bool:
+    """True when numba compiles for this CPU (its default) and the CPU has AVX-512 F and BW."""
+    features = binding.get_host_cpu_features()
+    host = numba.config.CPU_NAME in (None, "host") and not numba.config.CPU_FEATURES
+    return host and bool(features.get("avx512f")) and bool(features.get("avx512bw"))
+
+
+def _address(context, builder, array_type, array, index, vector):
+    # A pointer to `vector` (an LLVM vector type) at element `index` of a contiguous array.
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
+
+
+def _call(builder, name, result, *args):
+    function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, [a.type for a in args]), name)
+    return builder.call(function, list(args))
+
+
+@intrinsic
+def _lookup_32(typingctx, out, out_at, packed, packed_at, table):
+    # out[out_at : out_at + 32] = table[q] for the 32 codes of packed[packed_at : packed_at + 16], each
+    # byte's high nibble first: `out` and `table` uint16 (vpermw over 32 entries, 16 used) or float32
+    # (vpermps over 16, twice, then interleaved).
+    half = out.dtype == types.uint16
+    sig = types.void(out, types.intp, packed, types.intp, table)
+
+    def codegen(context, builder, sig, args):
+        out_v, out_at_v, packed_v, packed_at_v, table_v = args
+        words = ir.VectorType(_I32, 16)
+        raw = builder.load(_address(context, builder, sig.args[2], packed_v, packed_at_v, ir.VectorType(_I8, 16)),
+                           align=1)
+        byte = builder.zext(raw, words)
+        high = builder.lshr(byte, ir.Constant(words, [4] * 16))
+        low = builder.and_(byte, ir.Constant(words, [15] * 16))
+        zero = ir.Constant(ir.IntType(64), 0)
+        if half:                                                           # one 32-bit lane = (high, low) indices
+            lanes = ir.VectorType(_I16, 32)
+            index = builder.bitcast(builder.or_(high, builder.shl(low, ir.Constant(words, [16] * 16))), lanes)
+            values = builder.load(_address(context, builder, sig.args[4], table_v, zero, lanes), align=1)
+            found = _call(builder, "llvm.x86.avx512.permvar.hi.512", lanes, values, index)
+            builder.store(found, _address(context, builder, sig.args[0], out_v, out_at_v, lanes), align=1)
+        else:
+            floats = ir.VectorType(ir.FloatType(), 16)
+            values = builder.load(_address(context, builder, sig.args[4], table_v, zero, floats), align=1)
+            first = _call(builder, "llvm.x86.avx512.permvar.sf.512", floats, values, high)
+            second = _call(builder, "llvm.x86.avx512.permvar.sf.512", floats, values, low)
+            for part in range(2):                                          # h0 l0 h1 l1 … in two stores of 16
+                order = [i // 2 + 8 * part + (16 if i % 2 else 0) for i in range(16)]
+                merged = builder.shuffle_vector(first, second, ir.Constant(ir.VectorType(_I32, 16), order))
+                at = builder.add(out_at_v, ir.Constant(out_at_v.type, 16 * part))
+                builder.store(merged, _address(context, builder, sig.args[0], out_v, at, floats), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _bf16_table(typingctx, table, code, scale):
+    # table[0:16] (uint16) = the bf16 bits nearest code[k] · scale, ties to even: `half_bits`, 16 at once.
+    sig = types.void(table, code, types.float32)
+
+    def codegen(context, builder, sig, args):
+        table_v, code_v, scale_v = args
+        zero = ir.Constant(ir.IntType(64), 0)
+        floats, words = ir.VectorType(ir.FloatType(), 16), ir.VectorType(_I32, 16)
+        values = builder.load(_address(context, builder, sig.args[1], code_v, zero, floats), align=1)
+        splat = builder.insert_element(ir.Constant(floats, None), scale_v, ir.Constant(_I32, 0))
+        splat = builder.shuffle_vector(splat, ir.Constant(floats, None), ir.Constant(words, [0] * 16))
+        u = builder.bitcast(builder.fmul(values, splat), words)
+        odd = builder.and_(builder.lshr(u, ir.Constant(words, [16] * 16)), ir.Constant(words, [1] * 16))
+        rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(words, [0x7FFF] * 16)), odd),
+                               ir.Constant(words, [16] * 16))
+        bits = builder.trunc(rounded, ir.VectorType(_I16, 16))
+        builder.store(bits, _address(context, builder, sig.args[0], table_v, zero, ir.VectorType(_I16, 16)),
+                      align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_parallel
+def blockwise_4bit_avx512(packed, absmax, code, blocksize, blocks, mode, out):
+    # `blockwise_4bit` for the first `blocks` whole blocks, `blocksize` a multiple of 32: per block the
+    # table (bf16 made 16 at once; other modes by `put`, as the scalar kernel), then one lookup per 32.
+    run = 256
+    for first in numba.prange((blocks + run - 1) // run):
+        table = np.zeros(32, out.dtype)
+        for block in range(first * run, min(first * run + run, blocks)):
+            scale = absmax[block]
+            if mode == 4:
+                _bf16_table(table, code, scale)
+            else:
+                for k in range(16):
+                    put(table, k, code[k] * scale, mode)
+            start = block * (blocksize >> 1)
+            for j in range(start, start + (blocksize >> 1), 16):
+                _lookup_32(out, 2 * j, packed, j, table)
+
+
+@_parallel
+def blockwise_8bit(codes, code, absmax, blocksize, offset, out):
+    # out[i] = code[codes[i]] · absmax[i // blocksize] + offset: fp32 products and sums in the twin's order.
+    shift = np.float32(offset)
+    blocks = (codes.shape[0] + blocksize - 1) // blocksize
+    for block in numba.prange(blocks):
+        scale = absmax[block]
+        for i in range(block * blocksize, min(block * blocksize + blocksize, codes.shape[0])):
+            out[i] = code[codes[i]] * scale + shift
 
 
 @_parallel

@@ -87,6 +87,47 @@ def test_4bit_kernel_equals_the_twin(shape, dtype):
             _same(written, twin.to(half))
 
 
+@pytest.mark.skipif(not dequant_cpu.avx512(), reason="the AVX-512 lookup needs AVX-512 F and BW")
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize("mode", range(5))
+def test_the_avx512_4bit_lookup_gives_the_scalar_kernels_bits_in_every_mode(blocksize, mode):
+    """The permute-based kernel (32 codes per instruction) against the one-lookup-per-element kernel, on
+    scales that round to ties, overflow fp16 and fall to its subnormals, with a partial last block."""
+    import numpy as np
+
+    from qlora_inject.kernels import dequant_cpu_numba as kernels
+
+    torch.manual_seed(0)
+    numel = blocksize * 37 + 21                                             # 37 whole blocks and a partial one
+    packed = torch.randint(0, 256, ((numel + 1) // 2,), dtype=torch.uint8).numpy()
+    absmax = (torch.rand(-(-numel // blocksize)) * 3).numpy()
+    absmax[::5] = np.float32(7e4)                                           # past fp16's largest value
+    absmax[1::5] = np.float32(3e-6)                                         # into fp16's subnormals
+    absmax[2::5] = np.float32(1 + 2 ** -8)                                  # bf16 ties
+    code = torch.linspace(-1, 1, 16).numpy()
+    out_type = np.float32 if mode <= 2 else np.uint16
+    expected, got = np.zeros(numel, out_type), np.zeros(numel, out_type)
+    kernels.blockwise_4bit(packed, absmax, code, blocksize, numel, mode, expected)
+    whole = numel // blocksize
+    kernels.blockwise_4bit_avx512(packed, absmax, code, blocksize, whole, mode, got)
+    assert got[whole * blocksize:].max() == 0, "wrote past its whole blocks"
+    assert np.array_equal(got[:whole * blocksize].view(np.uint32 if mode <= 2 else np.uint16),
+                          expected[:whole * blocksize].view(np.uint32 if mode <= 2 else np.uint16))
+
+
+def test_the_double_quantized_absmax_decode_gives_the_twins_bits():
+    from qlora_inject.kernels.dequant_4bit import dequantize_blockwise_8bit, dequantize_blockwise_8bit_torch
+
+    torch.manual_seed(0)
+    for count, blocksize in ((256 * 5, 256), (256 * 5 + 77, 256), (100, 64)):
+        codes = torch.randint(0, 256, (count,), dtype=torch.uint8)
+        code, scales = torch.randn(256), torch.rand(-(-count // blocksize)) * 2
+        offset = torch.tensor(0.0371)
+        twin = dequantize_blockwise_8bit_torch(codes, code, scales, blocksize, offset)
+        assert torch.equal(dequant_cpu.blockwise_8bit(codes, code, scales, blocksize, offset), twin)
+        assert torch.equal(dequantize_blockwise_8bit(codes, code, scales, blocksize, offset), twin)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("zero_offset", [0, 1])

@@ -83,7 +83,7 @@ for shape in [(64, 128), (40, 96), (7, 200)]:
                 absmax = state.absmax
                 if nested:
                     absmax = dequantize_blockwise_8bit(absmax, state.state2.code, state.state2.absmax,
-                                                       state.state2.blocksize) + state.offset
+                                                       state.state2.blocksize, state.offset)
                 twin = dequantize_4bit_torch(packed, absmax, state.code, 64, tuple(state.shape), dtype)
                 kernel = dequantize_4bit_triton(packed.to(D), absmax.to(D), state.code.to(D), 64,
                                                 tuple(state.shape), dtype).cpu()

@@ -80,7 +80,7 @@ class Bnb4bitBackend(BackendBase):
         absmax = state.absmax
         if state.nested:
             nested = state.state2
-            absmax = dequantize_blockwise_8bit(absmax, nested.code, nested.absmax, nested.blocksize) + state.offset
+            absmax = dequantize_blockwise_8bit(absmax, nested.code, nested.absmax, nested.blocksize, state.offset)
         return dequantize_4bit(
             module.weight.data, absmax, state.code, state.blocksize, tuple(state.shape), state.dtype, out=out,
             library=library,
