@@ -127,8 +127,9 @@ def _target(numel: int, dtype: torch.dtype, out: Tensor | None):
 
     An fp32 `out` (the fp32 scratch) receives them as fp32 (holding `dtype`'s values, so an fp32
     matmul sees what the twin gives after `.to(float32)`); fp32 values asked into a half-precision
-    `out` (an fp32 layer under autocast) are rounded to it, as `.to(out.dtype)` of the twin would be;
-    otherwise they go to `out` (or a new tensor) in `dtype` itself. Half precision is written as bit
+    `out` (an fp32 layer under autocast), or fp16 values into a bf16 `out` (GPTQ/AWQ in a bf16 model),
+    are rounded to it, as `.to(out.dtype)` of the twin would be; otherwise they go to `out` (or a new
+    tensor) in `dtype` itself. Half precision is written as bit
     patterns, with no fp32 copy on the way.
     """
     import numpy as np
@@ -140,6 +141,9 @@ def _target(numel: int, dtype: torch.dtype, out: Tensor | None):
         return result, _array(result), _IN_FP32_MODES[dtype]
     if fits and dtype == torch.float32 and out.dtype in _HALF_MODES:
         dtype = out.dtype
+    if fits and dtype == torch.float16 and out.dtype == torch.bfloat16:     # fp16 values (GPTQ/AWQ scales) asked
+        result = out.view(-1)[:numel]                                       # into a bf16 scratch: `.to(bf16)` of
+        return result, _array(result.view(torch.int16)).view(np.uint16), 5  # them, with no fp16 copy between
     result = scratch_or_new(out, numel, dtype, cpu)
     if dtype == torch.float32:
         return result, _array(result), 0

@@ -67,13 +67,16 @@ def round_in_fp32(value, bf16):
 @_inline
 def put(out, k, value, mode):
     # Store element k. mode 0: fp32 as is; 1 / 2: fp32 holding the nearest fp16 / bf16 value;
-    # 3 / 4: the fp16 / bf16 bit pattern into a uint16 view of a half-precision tensor.
+    # 3 / 4: the fp16 / bf16 bit pattern into a uint16 view of a half-precision tensor; 5: the bf16 bits
+    # of the nearest fp16 value (fp16 weights, such as GPTQ's and AWQ's, asked into a bf16 scratch).
     if mode == 0:
         out[k] = value
     elif mode <= 2:
         out[k] = round_in_fp32(value, mode == 2)
-    else:
+    elif mode <= 4:
         out[k] = half_bits(value, mode == 4)
+    else:
+        out[k] = half_bits(round_in_fp32(value, False), True)
 
 
 @_parallel

@@ -38,6 +38,16 @@ def _same(kernel: torch.Tensor, twin: torch.Tensor) -> None:
     assert torch.equal(kernel.to(twin.dtype), twin) and torch.equal(kernel.float(), twin.float())
 
 
+def _same_in_bf16_scratch(dequantize, twin: torch.Tensor) -> None:
+    """fp16 weights (GPTQ's and AWQ's scales) asked into a bf16 model's scratch are written there as the
+    twin's `.to(bfloat16)`, with no fp16 tensor between."""
+    buffer = scratch(twin.numel(), torch.bfloat16, "cpu")
+    written = dequantize(buffer)
+    if twin.dtype == torch.float16:
+        assert written.dtype == torch.bfloat16 and written.untyped_storage().data_ptr() == buffer.data_ptr()
+    _same(written.to(torch.bfloat16), twin.to(torch.bfloat16))
+
+
 def _words(*shape: int) -> torch.Tensor:
     return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32)
 
@@ -52,6 +62,9 @@ def test_rounding_to_fp16_and_bf16_equals_torch_casts_including_ties_subnormals_
         torch.randint(-2**31, 2**31 - 1, (5000,), dtype=torch.int32).view(torch.float32),   # every exponent
     ])
     values = values[values.isfinite()]
+    twice = torch.empty_like(values, dtype=torch.bfloat16)
+    convert(values.numpy(), 5, twice.view(torch.int16).numpy().view("uint16"))   # fp16's value, then bf16's
+    assert torch.equal(twice.view(torch.int16), values.to(torch.float16).to(torch.bfloat16).view(torch.int16))
     for dtype, in_fp32, bits in ((torch.float16, 1, 3), (torch.bfloat16, 2, 4)):
         expected = values.to(dtype)
         rounded = torch.empty_like(values)
@@ -147,6 +160,7 @@ def test_gptq_kernel_equals_the_twin(bits, act_order, zero_offset):
         _same(dequantize_gptq(*args), twin)
         for buffer_dtype in {torch.float32, dtype}:
             _same(dequantize_gptq(*args, out=scratch(in_features * out_features, buffer_dtype, "cpu")), twin)
+        _same_in_bf16_scratch(lambda out: dequantize_gptq(*args, out=out), twin)
 
 
 @pytest.mark.parametrize("bits, interleaved", [(4, True), (4, False), (2, False), (8, False)])
@@ -163,6 +177,7 @@ def test_awq_kernel_equals_the_twin(bits, interleaved, out_features):
         _same(dequantize_awq_gemm(*args), twin)
         for buffer_dtype in {torch.float32, dtype}:
             _same(dequantize_awq_gemm(*args, out=scratch(in_features * out_features, buffer_dtype, "cpu")), twin)
+        _same_in_bf16_scratch(lambda out: dequantize_awq_gemm(*args, out=out), twin)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
