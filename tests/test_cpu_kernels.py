@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -42,7 +43,7 @@ def _same_in_bf16_scratch(dequantize, twin: torch.Tensor) -> None:
     """fp16 weights (GPTQ's and AWQ's scales) asked into a bf16 model's scratch are written there as the
     twin's `.to(bfloat16)`, with no fp16 tensor between."""
     buffer = scratch(twin.numel(), torch.bfloat16, "cpu")
-    written = dequantize(buffer)
+    written = dequantize(out=buffer)
     if twin.dtype == torch.float16:
         assert written.dtype == torch.bfloat16 and written.untyped_storage().data_ptr() == buffer.data_ptr()
     _same(written.to(torch.bfloat16), twin.to(torch.bfloat16))
@@ -160,7 +161,7 @@ def test_gptq_kernel_equals_the_twin(bits, act_order, zero_offset):
         _same(dequantize_gptq(*args), twin)
         for buffer_dtype in {torch.float32, dtype}:
             _same(dequantize_gptq(*args, out=scratch(in_features * out_features, buffer_dtype, "cpu")), twin)
-        _same_in_bf16_scratch(lambda out: dequantize_gptq(*args, out=out), twin)
+        _same_in_bf16_scratch(functools.partial(dequantize_gptq, *args), twin)
 
 
 @pytest.mark.parametrize("bits, interleaved", [(4, True), (4, False), (2, False), (8, False)])
@@ -177,7 +178,7 @@ def test_awq_kernel_equals_the_twin(bits, interleaved, out_features):
         _same(dequantize_awq_gemm(*args), twin)
         for buffer_dtype in {torch.float32, dtype}:
             _same(dequantize_awq_gemm(*args, out=scratch(in_features * out_features, buffer_dtype, "cpu")), twin)
-        _same_in_bf16_scratch(lambda out: dequantize_awq_gemm(*args, out=out), twin)
+        _same_in_bf16_scratch(functools.partial(dequantize_awq_gemm, *args), twin)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
