@@ -72,7 +72,7 @@ def available() -> bool:
 def _kernels():
     module = importlib.import_module("qlora_inject.kernels.dequant_cpu_numba")
     names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_8bit", "rowwise_int8", "gptq", "awq", "hqq_4bit",
-             "convert")
+             "hqq_4bit_avx512", "convert")
     return {name: getattr(module, name) for name in names}
 
 
@@ -219,8 +219,10 @@ def hqq_4bit(packed: Tensor, zero: Tensor, scale: Tensor, rows: int, out: Tensor
     `(code − zero) · scale` computed as hqq does in `dtype`, each step rounded to it."""
     cols = packed.shape[1]
     result, array, mode = _target(rows * cols, dtype, out)
-    _kernel("hqq_4bit")(_array(packed.contiguous()), _array(_as_2d(zero)), _array(_as_2d(scale)), rows, mode,
-                        array)
+    zero, scale = _as_2d(zero), _as_2d(scale)
+    per_row = zero.shape[1] == scale.shape[1] == 1                          # axis 1: a table per code row
+    name = "hqq_4bit_avx512" if per_row and cols % 32 == 0 and avx512() else "hqq_4bit"
+    _kernel(name)(_array(packed.contiguous()), _array(zero), _array(scale), rows, mode, array)
     return result.view(rows, cols)
 
 

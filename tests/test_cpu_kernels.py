@@ -129,6 +129,28 @@ def test_the_avx512_4bit_lookup_gives_the_scalar_kernels_bits_in_every_mode(bloc
                           expected[:whole * blocksize].view(np.uint32 if mode <= 2 else np.uint16))
 
 
+@pytest.mark.skipif(not dequant_cpu.avx512(), reason="the AVX-512 lookup needs AVX-512 F and BW")
+@pytest.mark.parametrize("mode", range(6))
+@pytest.mark.parametrize("rows, cols, per_row", [(63, 64, True), (40, 96, True), (40, 64, False)])
+def test_the_avx512_hqq_lookup_gives_the_scalar_kernels_bits_in_every_mode(mode, rows, cols, per_row):
+    import numpy as np
+
+    from qlora_inject.kernels import dequant_cpu_numba as kernels
+
+    torch.manual_seed(mode)
+    packed = torch.randint(0, 256, ((rows + 1) // 2, cols), dtype=torch.uint8).numpy()
+    count = rows if per_row else 1
+    zero = (torch.rand(count, 1) * 15).numpy()
+    scale = (torch.rand(count, 1) * 0.02).numpy()
+    scale[::3] = np.float32(3e4)                                            # products past fp16's range
+    out_type = np.float32 if mode <= 2 else np.uint16
+    expected, got = np.zeros(rows * cols, out_type), np.zeros(rows * cols, out_type)
+    kernels.hqq_4bit(packed, zero, scale, rows, mode, expected)
+    kernels.hqq_4bit_avx512(packed, zero, scale, rows, mode, got)
+    bits = np.uint32 if mode <= 2 else np.uint16
+    assert np.array_equal(got.view(bits), expected.view(bits))
+
+
 def test_the_double_quantized_absmax_decode_gives_the_twins_bits():
     from qlora_inject.kernels.dequant_4bit import dequantize_blockwise_8bit, dequantize_blockwise_8bit_torch
 
