@@ -91,20 +91,23 @@ def _measure(key: tuple, candidates: dict[str, Callable[[], T]], margin: float =
     """Time each candidate on the real weight, interleaved so all see the same machine; keep the fastest.
 
     A warm-up call first (numba compiles or loads from its cache; a fresh buffer is paged in); then up
-    to `rounds` timed calls each, the best of them counting, dropping after each round a candidate over
-    twice the best so far (the torch twin is often 10× slower and need not run three times).
+    to `rounds` timed calls each, the best of them counting, dropping from the second round on a
+    candidate over twice the best so far (the torch twin is often 10× slower and need not run three
+    times). Every candidate is timed twice at least: one call stalled by another process (seen: GPTQ's
+    2-thread kernel at 79.8 ms once, 14 ms otherwise) must not decide.
     """
     for run in candidates.values():
         run()
     best: dict[str, float] = {}
     alive = list(candidates)
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for name in alive:
             began = time.perf_counter()
             candidates[name]()
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - began)
         fastest = min(best[n] for n in alive)
-        alive = [n for n in alive if best[n] <= 2 * fastest]
+        if round_ >= 1:
+            alive = [n for n in alive if best[n] <= 2 * fastest]
     default = next(iter(candidates))
     chosen = min(alive, key=lambda n: best[n] * (1.0 if n == default else margin))
     _choices[key] = chosen

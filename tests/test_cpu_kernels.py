@@ -342,6 +342,26 @@ def test_the_first_use_measures_every_path_keeps_the_fastest_and_later_calls_run
     assert autotune.choose(("test", 1), paths) == "numba"
 
 
+def test_one_stalled_timing_does_not_drop_the_fastest_path(monkeypatch):
+    """A candidate's first timed call stalled by another process (GPTQ's 2-thread kernel once took 79.8 ms,
+    14 ms otherwise) is timed again before anything is dropped."""
+    monkeypatch.delenv("QLORA_INJECT_KERNEL", raising=False)
+    delays = iter([0.001, 0.001, 0.08])                             # first use, warm-up, then one stalled call
+
+    def numba_path():
+        time.sleep(next(delays, 0.001))
+        return "numba"
+
+    def torch_path():
+        time.sleep(0.01)
+        return "torch"
+
+    key = ("test", "stall")
+    paths = {"numba": numba_path, "torch": torch_path}
+    autotune.choose(key, paths)                                             # first use: not measured
+    assert autotune.choose(key, paths) == "numba"
+
+
 def test_a_dispatcher_measures_once_per_shape_class_and_every_path_gives_the_same_bits(monkeypatch):
     monkeypatch.delenv("QLORA_INJECT_KERNEL")
     packed = torch.randint(0, 256, (64 * 1024,), dtype=torch.uint8)
