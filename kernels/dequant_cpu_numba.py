@@ -347,20 +347,56 @@ def _awq_row(qweight, zeros, scales, i, group, positions, bits, out_features, ds
         dst[o] = np.float32(code - zeros[group, o]) * scales[group, o]
 
 
+@intrinsic
+def _awq_16(typingctx, row, o, qweight, word_at, zeros, scales, at, shifts):
+    # row[o : o + 16] = (code − zero) · scale in fp32, for the 16 4-bit codes of the two words at flat
+    # index `word_at` of qweight (each word broadcast to 8 lanes, shifted by `shifts`, AWQ's nibble order),
+    # zeros/scales from flat index `at`: plain LLVM vector code, no instruction set assumed.
+    sig = types.void(row, types.intp, qweight, types.intp, zeros, scales, types.intp, shifts)
+
+    def codegen(context, builder, sig, args):
+        row_v, o_v, qweight_v, word_v, zeros_v, scales_v, at_v, shifts_v = args
+        ints, floats = ir.VectorType(_I32, 16), ir.VectorType(ir.FloatType(), 16)
+        pair = builder.load(_address(context, builder, sig.args[2], qweight_v, word_v, ir.VectorType(_I32, 2)),
+                            align=1)
+        words = builder.shuffle_vector(pair, pair, ir.Constant(ints, [0] * 8 + [1] * 8))
+        shift = _table_values(context, builder, sig.args[7], shifts_v, ints)
+        codes = builder.and_(builder.lshr(words, shift), ir.Constant(ints, [15] * 16))
+        zero = builder.load(_address(context, builder, sig.args[4], zeros_v, at_v, ints), align=1)
+        scale = builder.load(_address(context, builder, sig.args[5], scales_v, at_v, floats), align=1)
+        _store(context, builder, sig.args[0], row_v, o_v, builder.fmul(builder.sitofp(builder.sub(codes, zero),
+                                                                                       floats), scale))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @_parallel
 def awq(qweight, zeros, scales, group_size, positions, bits, out_features, mode, out):
     # out (in, out_features): (q[i, o] − z[i // g, o]) · s[i // g, o]; q packed along out (dim 1).
     # The word loop's scattered stores vectorize only without the rounding in them: a row is made in
     # fp32 first, then rounded (or turned into half-precision bits) in a second, contiguous pass.
+    # 4-bit rows are made 16 columns at a time by `_awq_16` (the AMD EPYC, 11008 × 4096 into bf16 bits
+    # from fp16 scales: 22.7 → 9.8 ms), the columns past the last multiple of 16 as before.
+    vector = (out_features // 16) * 16 if bits == 4 else 0
+    shifts = np.empty(16, np.int32)
+    for j in range(16):
+        shifts[j] = positions[j % 8] * 4
+    words = qweight.shape[1]
     for i in numba.prange(qweight.shape[0]):
         dst = out[i * out_features:(i + 1) * out_features]
-        if mode == 0:
-            _awq_row(qweight, zeros, scales, i, i // group_size, positions, bits, out_features, dst)
+        group = i // group_size
+        row = np.empty(out_features, np.float32)
+        if vector:
+            for o in range(0, vector, 16):
+                _awq_16(row, o, qweight, i * words + (o >> 3), zeros, scales, group * out_features + o, shifts)
+            for o in range(vector, out_features):
+                code = (qweight[i, o >> 3] >> shifts[o % 8]) & 15
+                row[o] = np.float32(code - zeros[group, o]) * scales[group, o]
         else:
-            row = np.empty(out_features, np.float32)
-            _awq_row(qweight, zeros, scales, i, i // group_size, positions, bits, out_features, row)
-            for o in range(out_features):
-                put(dst, o, row[o], mode)
+            _awq_row(qweight, zeros, scales, i, group, positions, bits, out_features, row)
+        for o in range(out_features):
+            put(dst, o, row[o], mode)
 
 
 @_inline
