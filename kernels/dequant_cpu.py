@@ -2,8 +2,11 @@
 
 A torch twin runs several full passes over the weight (unpack, gather, subtract, scale), each
 writing a tensor as large as the dense weight; on a CPU that costs 100–200 ms for a 4096 × 11008
-layer, more than the layer's matmul. These kernels make one parallel pass that writes each fp32
-element once (NF4 about 7 ms there, bitsandbytes' own C++ about 40 ms).
+layer, more than the layer's matmul. These kernels make one parallel pass that writes each element
+once. On CPUs with AVX-512 F + BW, NF4/FP4 and HQQ (one zero/scale per group row) look up 32 codes
+per permute instruction in a 16-entry table held in a register (`*_avx512` in `dequant_cpu_numba`):
+on a 2-core AMD EPYC, 4096 × 11008 into bf16 in 5–7 ms, against 4 ms to write the weight at all
+(the scalar kernels 22.7 / 35.5 ms, bitsandbytes' own C++ about 40 ms).
 
 Every kernel computes exactly what its twin computes, in fp32, and rounds to fp16/bf16 as torch
 does (ties to even), so the results are bit-identical: the twins stay the oracle (tests compare
