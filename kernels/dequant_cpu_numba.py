@@ -171,6 +171,24 @@ def _store(context, builder, out_type, out, at, values):
     builder.store(values, _address(context, builder, out_type, out, at, values.type), align=1)
 
 
+def _permute(context, builder, table_type, table, index):
+    # table[index] in every lane: `vpermw` for 32 16-bit lanes (the table's 32 uint16, 16 used), `vpermps`
+    # for 16 fp32 lanes (its first 16 float32).
+    if index.type.element == _I16:
+        values = _table_values(context, builder, table_type, table, index.type)
+        return _call(builder, "llvm.x86.avx512.permvar.hi.512", index.type, values, index)
+    floats = ir.VectorType(ir.FloatType(), 16)
+    values = _table_values(context, builder, table_type, table, floats)
+    return _call(builder, "llvm.x86.avx512.permvar.sf.512", floats, values, index)
+
+
+def _store_parts(context, builder, out_type, out, at, parts):
+    # Vectors stored one after another from element `at`.
+    for part in parts:
+        _store(context, builder, out_type, out, at, part)
+        at = builder.add(at, ir.Constant(at.type, part.type.count))
+
+
 @intrinsic
 def _lookup_32(typingctx, out, out_at, packed, packed_at, table):
     # out[out_at : out_at + 32] = table[q] for the 32 codes of packed[packed_at : packed_at + 16], each
@@ -188,21 +206,15 @@ def _lookup_32(typingctx, out, out_at, packed, packed_at, table):
         high = builder.lshr(byte, ir.Constant(words, [4] * 16))
         low = builder.and_(byte, ir.Constant(words, [15] * 16))
         if half:                                                           # one 32-bit lane = (high, low) indices
-            lanes = ir.VectorType(_I16, 32)
-            index = builder.bitcast(builder.or_(high, builder.shl(low, ir.Constant(words, [16] * 16))), lanes)
-            values = _table_values(context, builder, sig.args[4], table_v, lanes)
-            found = _call(builder, "llvm.x86.avx512.permvar.hi.512", lanes, values, index)
-            _store(context, builder, sig.args[0], out_v, out_at_v, found)
+            index = builder.bitcast(builder.or_(high, builder.shl(low, ir.Constant(words, [16] * 16))),
+                                    ir.VectorType(_I16, 32))
+            parts = [_permute(context, builder, sig.args[4], table_v, index)]
         else:
-            floats = ir.VectorType(ir.FloatType(), 16)
-            values = _table_values(context, builder, sig.args[4], table_v, floats)
-            first = _call(builder, "llvm.x86.avx512.permvar.sf.512", floats, values, high)
-            second = _call(builder, "llvm.x86.avx512.permvar.sf.512", floats, values, low)
-            for part in range(2):                                          # h0 l0 h1 l1 … in two stores of 16
-                order = [i // 2 + 8 * part + (16 if i % 2 else 0) for i in range(16)]
-                merged = builder.shuffle_vector(first, second, ir.Constant(ir.VectorType(_I32, 16), order))
-                at = builder.add(out_at_v, ir.Constant(out_at_v.type, 16 * part))
-                _store(context, builder, sig.args[0], out_v, at, merged)
+            first, second = (_permute(context, builder, sig.args[4], table_v, index) for index in (high, low))
+            orders = ([i // 2 + 8 * part + (16 if i % 2 else 0) for i in range(16)] for part in range(2))
+            parts = [builder.shuffle_vector(first, second, ir.Constant(words, order))   # h0 l0 h1 l1 …
+                     for order in orders]
+        _store_parts(context, builder, sig.args[0], out_v, out_at_v, parts)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -225,19 +237,10 @@ def _lookup_nibbles_32(typingctx, out, out_at, packed, packed_at, shift, table):
         splat = builder.shuffle_vector(builder.insert_element(ir.Constant(wide, None), amount, ir.Constant(_I32, 0)),
                                        ir.Constant(wide, None), ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
         codes = builder.and_(builder.lshr(builder.zext(raw, wide), splat), ir.Constant(wide, [15] * 32))
-        if half:
-            values = _table_values(context, builder, sig.args[5], table_v, wide)
-            found = _call(builder, "llvm.x86.avx512.permvar.hi.512", wide, values, codes)
-            _store(context, builder, sig.args[0], out_v, out_at_v, found)
-        else:
-            floats = ir.VectorType(ir.FloatType(), 16)
-            values = _table_values(context, builder, sig.args[5], table_v, floats)
-            for part in range(2):
-                index = builder.shuffle_vector(codes, codes, ir.Constant(ir.VectorType(_I32, 16),
-                                                                         list(range(16 * part, 16 * part + 16))))
-                found = _call(builder, "llvm.x86.avx512.permvar.sf.512", floats, values, index)
-                at = builder.add(out_at_v, ir.Constant(out_at_v.type, 16 * part))
-                _store(context, builder, sig.args[0], out_v, at, found)
+        halves = [codes] if half else [builder.shuffle_vector(codes, codes, ir.Constant(
+            ir.VectorType(_I32, 16), list(range(16 * part, 16 * part + 16)))) for part in range(2)]
+        parts = [_permute(context, builder, sig.args[5], table_v, index) for index in halves]
+        _store_parts(context, builder, sig.args[0], out_v, out_at_v, parts)
         return context.get_dummy_value()
 
     return sig, codegen
