@@ -35,6 +35,7 @@ from torch import Tensor
 from qlora_inject.kernels.workspace import scratch_or_new
 
 POOL_ENV = "NUMBA_NUM_THREADS"
+OURS_ENV = "QLORA_INJECT_NUMBA_POOL"        # the value this library gave POOL_ENV (a child process inherits both)
 
 
 @functools.cache
@@ -50,12 +51,14 @@ def available() -> bool:
     ranks' torch threads need: a DDP step on 2 ranks × 1 thread ran 2.9× slower (NF4, 530 against 1,541
     tokens/s, AMD EPYC 2 cores), and no measurement of the kernel alone can see it, since the cost lands on
     the rest of the step. So unless the user set it, numba is imported with its pool sized to torch's
-    thread count (the variable stays set, and child processes inherit it).
+    thread count. The variable stays set (numba refuses a change once its pool runs), marked as this
+    library's by `QLORA_INJECT_NUMBA_POOL`, so a child process that inherits it (a DDP worker started with
+    one thread) sizes its own pool again rather than taking the parent's for the user's choice.
     """
     if importlib.util.find_spec("numba") is None:
         return False                                                        # not installed: no warning
-    if "numba" not in sys.modules:
-        os.environ.setdefault(POOL_ENV, str(torch.get_num_threads()))       # numba sizes its pool at import
+    if "numba" not in sys.modules and _pool_is_ours():                      # numba sizes its pool at import
+        os.environ[POOL_ENV] = os.environ[OURS_ENV] = str(torch.get_num_threads())
     try:
         import numba
     except Exception as err:                                                # any import failure: fall back
@@ -63,12 +66,17 @@ def available() -> bool:
                       "slower torch twins instead. Reinstall it: pip install --force-reinstall numba",
                       RuntimeWarning, stacklevel=2)
         return False
-    if numba.config.NUMBA_NUM_THREADS > torch.get_num_threads() and POOL_ENV not in os.environ:
+    if numba.config.NUMBA_NUM_THREADS > torch.get_num_threads() and _pool_is_ours():
         warnings.warn(f"numba was imported before qlora_inject with a pool of {numba.config.NUMBA_NUM_THREADS} "
                       f"threads, more than torch's {torch.get_num_threads()}; its idle workers will take cores from "
                       f"torch's (one process per core, as under torchrun, slows 2-4x). Set {POOL_ENV}="
                       f"{torch.get_num_threads()} before anything imports numba", RuntimeWarning, stacklevel=2)
     return True
+
+
+def _pool_is_ours() -> bool:
+    """True unless the user chose numba's pool size (`NUMBA_NUM_THREADS` set, and not by this library)."""
+    return os.environ.get(POOL_ENV) in (None, os.environ.get(OURS_ENV))
 
 
 @functools.cache
@@ -81,8 +89,8 @@ def _kernels():
 
 @functools.cache
 def avx512() -> bool:
-    """True when the NF4/FP4 kernel can look its codes up 32 at a time (AVX-512 F and BW, numba compiling
-    for this CPU): `dequant_cpu_numba.blockwise_4bit_avx512`."""
+    """True when the NF4/FP4 and HQQ kernels can look their codes up 32 at a time (AVX-512 F and BW, numba
+    compiling for this CPU): `dequant_cpu_numba.blockwise_4bit_avx512`, `hqq_4bit_avx512`."""
     return importlib.import_module("qlora_inject.kernels.dequant_cpu_numba").avx512_available()
 
 

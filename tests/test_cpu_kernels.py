@@ -300,7 +300,8 @@ def _pool_probe(mode: str, **env: str) -> tuple[int, str | None, list[str]]:
     import subprocess
     import sys
 
-    clean = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "QLORA_INJECT_NUMBA_POOL")}
     done = subprocess.run([sys.executable, "-c", _POOL_PROBE, mode], env={**clean, **env}, capture_output=True,
                           text=True, timeout=120, check=True)
     pool, variable, warned = done.stdout.strip().splitlines()[-1].split(" ", 2)
@@ -313,6 +314,8 @@ def test_numbas_pool_is_sized_to_torchs_threads_unless_the_user_set_it():
     slower: numba's idle workers spun on the cores the other ranks needed."""
     assert _pool_probe("ours-first") == (1, "1", [])
     assert _pool_probe("ours-first", NUMBA_NUM_THREADS="2")[:2] == (2, "2")          # the user's choice stands
+    inherited = {"NUMBA_NUM_THREADS": "2", "QLORA_INJECT_NUMBA_POOL": "2"}              # a 2-thread parent's
+    assert _pool_probe("ours-first", **inherited)[:2] == (1, "1")                   # sized again in the child
     pool, _, warned = _pool_probe("numba-first")                                     # too late to size it
     assert pool > 1 and any("NUMBA_NUM_THREADS=1 before anything imports numba" in w for w in warned), warned
 
