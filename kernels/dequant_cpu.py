@@ -83,7 +83,7 @@ def _pool_is_ours() -> bool:
 def _kernels():
     module = importlib.import_module("qlora_inject.kernels.dequant_cpu_numba")
     names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_8bit", "rowwise_int8", "gptq", "awq", "hqq_4bit",
-             "hqq_4bit_avx512", "convert")
+             "hqq_4bit_avx512", "convert", "convert_fp16_soft")
     return {name: getattr(module, name) for name in names}
 
 

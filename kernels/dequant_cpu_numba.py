@@ -58,8 +58,13 @@ def half_bits(value, bf16):
     u = float_bits(np.float32(value))
     if bf16:
         return np.uint16((u + _U(0x7FFF) + ((u >> _U(16)) & _U(1))) >> _U(16))
-    if F16C:
-        return fp16_bits_hw(np.float32(value))
+    return fp16_bits_hw(np.float32(value)) if F16C else fp16_bits_soft(value)
+
+
+@_inline
+def fp16_bits_soft(value):
+    # `half_bits` to fp16 in integer arithmetic, for CPUs without F16C.
+    u = float_bits(np.float32(value))
     sign = (u >> _U(16)) & _U(0x8000)
     magnitude = u & _U(0x7FFFFFFF)
     rounded = (magnitude + _U(0xFFF) + ((magnitude >> _U(13)) & _U(1))) & _U(0xFFFFE000)
@@ -75,8 +80,13 @@ def round_in_fp32(value, bf16):
     u = float_bits(np.float32(value))
     if bf16:
         return bits_float((u + _U(0x7FFF) + ((u >> _U(16)) & _U(1))) & _U(0xFFFF0000))
-    if F16C:
-        return fp16_round_hw(np.float32(value))
+    return fp16_round_hw(np.float32(value)) if F16C else fp16_round_soft(value)
+
+
+@_inline
+def fp16_round_soft(value):
+    # `round_in_fp32` to fp16 in integer arithmetic, for CPUs without F16C.
+    u = float_bits(np.float32(value))
     magnitude = u & _U(0x7FFFFFFF)
     rounded = (u + _U(0xFFF) + ((u >> _U(13)) & _U(1))) & _U(0xFFFFE000)
     infinite = (u & _U(0x80000000)) | _U(0x7F800000)
@@ -477,3 +487,11 @@ def convert(values, mode, out):
     # `put` over an array: for the rounding tests.
     for k in range(values.shape[0]):
         put(out, k, values[k], mode)
+
+
+@numba.njit(cache=True)
+def convert_fp16_soft(values, bits, rounded):
+    # The integer fp16 roundings over an array, whichever the CPU uses: for the rounding tests.
+    for k in range(values.shape[0]):
+        bits[k] = fp16_bits_soft(values[k])
+        rounded[k] = fp16_round_soft(values[k])

@@ -63,6 +63,11 @@ def test_rounding_to_fp16_and_bf16_equals_torch_casts_including_ties_subnormals_
         torch.randint(-2**31, 2**31 - 1, (5000,), dtype=torch.int32).view(torch.float32),   # every exponent
     ])
     values = values[values.isfinite()]
+    soft_bits, soft_rounded = torch.empty_like(values, dtype=torch.float16), torch.empty_like(values)
+    dequant_cpu._kernels()["convert_fp16_soft"](values.numpy(), soft_bits.view(torch.int16).numpy().view("uint16"),
+                                                soft_rounded.numpy())  # the integer path, F16C or not
+    assert torch.equal(soft_bits.view(torch.int16), values.to(torch.float16).view(torch.int16))
+    assert torch.equal(soft_rounded, values.to(torch.float16).float())
     twice = torch.empty_like(values, dtype=torch.bfloat16)
     convert(values.numpy(), 5, twice.view(torch.int16).numpy().view("uint16"))   # fp16's value, then bf16's
     assert torch.equal(twice.view(torch.int16), values.to(torch.float16).to(torch.bfloat16).view(torch.int16))
