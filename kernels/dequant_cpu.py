@@ -152,13 +152,13 @@ def _target(numel: int, dtype: torch.dtype, out: Tensor | None):
         return result, _array(result), _IN_FP32_MODES[dtype]
     if fits and dtype == torch.float32 and out.dtype in _HALF_MODES:
         dtype = out.dtype
-    if fits and dtype == torch.float16 and out.dtype == torch.bfloat16:     # fp16 values (GPTQ/AWQ scales) asked
-        result = out.view(-1)[:numel]                                       # into a bf16 scratch: `.to(bf16)` of
-        return result, _array(result.view(torch.int16)).view(np.uint16), 5  # them, with no fp16 copy between
+    twice = fits and dtype == torch.float16 and out.dtype == torch.bfloat16  # fp16 values (GPTQ/AWQ scales) into
+    if twice:                                                               # a bf16 scratch: no fp16 copy between
+        dtype = torch.bfloat16
     result = scratch_or_new(out, numel, dtype, cpu)
     if dtype == torch.float32:
         return result, _array(result), 0
-    return result, _array(result.view(torch.int16)).view(np.uint16), _HALF_MODES[dtype]
+    return result, _array(result.view(torch.int16)).view(np.uint16), 5 if twice else _HALF_MODES[dtype]
 
 
 def blockwise_4bit(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, numel: int, dtype: torch.dtype,
