@@ -82,8 +82,8 @@ def _pool_is_ours() -> bool:
 @functools.cache
 def _kernels():
     module = importlib.import_module("qlora_inject.kernels.dequant_cpu_numba")
-    names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_8bit", "rowwise_int8", "gptq", "awq", "hqq_4bit",
-             "hqq_4bit_avx512", "convert", "convert_fp16_soft")
+    names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_8bit", "rowwise_int8", "gptq", "gptq_4bit", "awq",
+             "awq_4bit", "hqq_4bit", "hqq_4bit_avx512", "convert", "convert_fp16_soft")
     return {name: getattr(module, name) for name in names}
 
 
@@ -92,6 +92,13 @@ def avx512() -> bool:
     """True when the NF4/FP4 and HQQ kernels can look their codes up 32 at a time (AVX-512 F and BW, numba
     compiling for this CPU): `dequant_cpu_numba.blockwise_4bit_avx512`, `hqq_4bit_avx512`."""
     return importlib.import_module("qlora_inject.kernels.dequant_cpu_numba").avx512_available()
+
+
+@functools.cache
+def f16c() -> bool:
+    """True when the CPU converts fp32 → fp16 in hardware (F16C) and numba compiles for it: the vector
+    kernels that round 16 lanes at once (`dequant_cpu_numba.gptq_4bit`, AWQ's 4-bit rows) need it."""
+    return importlib.import_module("qlora_inject.kernels.dequant_cpu_numba").F16C
 
 
 _threads = threading.local()                                               # a candidate's thread count
@@ -205,9 +212,12 @@ def gptq(qweight: Tensor, zeros: Tensor, scales: Tensor, g_idx: Tensor, bits: in
     """GPTQ with unpacked int32 zeros (groups, out) → (in, out), values in `scales.dtype` (see `_target`)."""
     out_features = qweight.shape[1]
     result, array, mode = _target(in_features * out_features, scales.dtype, out)
-    _kernel("gptq")(_array(qweight.contiguous()), _array(zeros.to(torch.int32).contiguous()),
-                    _array(scales.float().contiguous()), _array(g_idx.to(torch.int64).contiguous()), bits,
-                    in_features, mode, array)
+    arrays = (_array(qweight.contiguous()), _array(zeros.to(torch.int32).contiguous()),
+              _array(scales.float().contiguous()), _array(g_idx.to(torch.int64).contiguous()))
+    if bits == 4 and f16c():
+        _kernel("gptq_4bit")(*arrays, in_features, mode, array)
+    else:
+        _kernel("gptq")(*arrays, bits, in_features, mode, array)
     return result.view(in_features, out_features)
 
 
@@ -218,9 +228,12 @@ def awq(qweight: Tensor, zeros: Tensor, scales: Tensor, group_size: int, positio
 
     in_features = qweight.shape[0]
     result, array, mode = _target(in_features * out_features, scales.dtype, out)
-    _kernel("awq")(_array(qweight.contiguous()), _array(zeros.to(torch.int32).contiguous()),
-                   _array(scales.float().contiguous()), group_size, np.asarray(positions, dtype=np.int64), bits,
-                   out_features, mode, array)
+    arrays = (_array(qweight.contiguous()), _array(zeros.to(torch.int32).contiguous()),
+              _array(scales.float().contiguous()), group_size, np.asarray(positions, dtype=np.int64))
+    if bits == 4 and f16c():
+        _kernel("awq_4bit")(*arrays, out_features, mode, array)
+    else:
+        _kernel("awq")(*arrays, bits, out_features, mode, array)
     return result.view(in_features, out_features)
 
 

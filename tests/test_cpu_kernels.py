@@ -156,6 +156,41 @@ def test_the_avx512_hqq_lookup_gives_the_scalar_kernels_bits_in_every_mode(mode,
     assert np.array_equal(got.view(bits), expected.view(bits))
 
 
+@pytest.mark.skipif(not dequant_cpu.f16c(), reason="the vector GPTQ/AWQ kernels round with F16C")
+@pytest.mark.parametrize("mode", range(6))
+def test_the_vector_gptq_and_awq_kernels_give_the_scalar_kernels_bits_in_every_mode(mode):
+    """16 columns and several rows at a time against one element at a time, on scales that overflow fp16,
+    fall to its subnormals and round to ties, with a partial last word row, act-order groups, groups that
+    split a block of 4 AWQ rows, and columns past the last multiple of 16."""
+    import numpy as np
+
+    from qlora_inject.kernels import dequant_cpu_numba as kernels
+
+    torch.manual_seed(mode)
+    in_features, out_features = 98, 40
+    zeros = torch.randint(0, 16, (in_features, out_features), dtype=torch.int32).numpy()
+    scales = (torch.rand(in_features, out_features) * 0.1).numpy()
+    scales[::3] = np.float32(3e3)                                           # products past fp16's range
+    scales[1::3] = np.float32(1e-6)                                         # into fp16's subnormals
+    scales[:, ::5] = np.float32(1 + 2 ** -9)                                # ties
+    out_type = np.float32 if mode <= 2 else np.uint16
+    bits = np.uint32 if mode <= 2 else np.uint16
+    qweight = _words(-(-in_features // 8), out_features).numpy()
+    for g_idx in (torch.arange(in_features) // 7, torch.randperm(in_features) % 14):
+        g_idx = g_idx.numpy()
+        expected, got = np.zeros(in_features * out_features, out_type), np.zeros(in_features * out_features, out_type)
+        kernels.gptq(qweight, zeros, scales, g_idx, 4, in_features, mode, expected)
+        kernels.gptq_4bit(qweight, zeros, scales, g_idx, in_features, mode, got)
+        assert np.array_equal(got.view(bits), expected.view(bits)), "gptq"
+    positions = np.array([0, 4, 1, 5, 2, 6, 3, 7], dtype=np.int64)
+    qweight = _words(in_features, out_features // 8).numpy()
+    for group_size in (6, 32):
+        expected, got = np.zeros(in_features * out_features, out_type), np.zeros(in_features * out_features, out_type)
+        kernels.awq(qweight, zeros, scales, group_size, positions, 4, out_features, mode, expected)
+        kernels.awq_4bit(qweight, zeros, scales, group_size, positions, out_features, mode, got)
+        assert np.array_equal(got.view(bits), expected.view(bits)), "awq"
+
+
 def test_the_double_quantized_absmax_decode_gives_the_twins_bits():
     from qlora_inject.kernels.dequant_4bit import dequantize_blockwise_8bit, dequantize_blockwise_8bit_torch
 
