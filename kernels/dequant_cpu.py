@@ -82,8 +82,8 @@ def _pool_is_ours() -> bool:
 @functools.cache
 def _kernels():
     module = importlib.import_module("qlora_inject.kernels.dequant_cpu_numba")
-    names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_8bit", "rowwise_int8", "gptq", "gptq_4bit", "awq",
-             "awq_4bit", "hqq_4bit", "hqq_4bit_avx512", "convert", "convert_fp16_soft")
+    names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_8bit", "blockwise_8bit_avx512", "rowwise_int8",
+             "gptq", "gptq_4bit", "awq", "awq_4bit", "hqq_4bit", "hqq_4bit_avx512", "convert", "convert_fp16_soft")
     return {name: getattr(module, name) for name in names}
 
 
@@ -192,8 +192,10 @@ def blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int, 
     """8-bit blockwise codes (double quantization's absmax) → fp32 `code[c] · absmax[i // blocksize] + offset`,
     the twin's bits, in one pass."""
     result = torch.empty(codes.numel(), dtype=torch.float32)
-    _kernel("blockwise_8bit")(_array(codes.contiguous().view(-1).view(torch.uint8)), _array(code.float().contiguous()),
-                              _array(absmax.float().contiguous()), blocksize, float(offset), _array(result))
+    gathers = avx512() and code.numel() >= 256                               # every byte indexes the table
+    _kernel("blockwise_8bit_avx512" if gathers else "blockwise_8bit")(
+        _array(codes.contiguous().view(-1).view(torch.uint8)), _array(code.float().contiguous()),
+        _array(absmax.float().contiguous()), blocksize, float(offset), _array(result))
     return result
 
 

@@ -202,6 +202,14 @@ def test_the_double_quantized_absmax_decode_gives_the_twins_bits():
         twin = dequantize_blockwise_8bit_torch(codes, code, scales, blocksize, offset)
         assert torch.equal(dequant_cpu.blockwise_8bit(codes, code, scales, blocksize, offset), twin)
         assert torch.equal(dequantize_blockwise_8bit(codes, code, scales, blocksize, offset), twin)
+        if dequant_cpu.avx512():                                            # the gathers against the scalar loop
+            from qlora_inject.kernels import dequant_cpu_numba as kernels
+
+            arrays = (codes.numpy(), code.numpy(), scales.numpy(), blocksize, float(offset))
+            scalar, gathered = torch.zeros(count), torch.zeros(count)
+            kernels.blockwise_8bit(*arrays, scalar.numpy())
+            kernels.blockwise_8bit_avx512(*arrays, gathered.numpy())
+            assert torch.equal(gathered, scalar) and torch.equal(gathered, twin)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
