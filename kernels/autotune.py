@@ -115,6 +115,11 @@ def _measure(key: tuple, candidates: dict[str, Callable[[], T]], margin: float =
     return chosen
 
 
+def kept(key: tuple) -> str | None:
+    """The candidate kept for `key`, or None before its measurement."""
+    return _choices.get(key)
+
+
 def decisions() -> dict[tuple, tuple[str, dict[str, float]]]:
     """Every kept choice with the best times (seconds) measured for it: for benchmarks and debugging."""
     return {key: (name, dict(_timings.get(key, {}))) for key, name in _choices.items()}

@@ -66,7 +66,9 @@ class FusedLoraLinear(torch.autograd.Function):
             out = own_forward(x)
             out = out.reshape(-1, out.shape[-1])
         else:                                                                 # W whole or in tiles, as measured
-            out = dequant_matmul_tiled.linear(flat, dequantize, compute_dtype, bias)   # (tokens, out)
+            rows = weights[1].shape[0] if weights else (None if bias is None else bias.shape[0])   # B: (out, r)
+            shape = None if rows is None else (rows, flat.shape[1])
+            out = dequant_matmul_tiled.linear(flat, dequantize, compute_dtype, bias, shape)   # (tokens, out)
         out = out.to(out_dtype)                                               # widen before any term is added
         lora_x = flat if lora_dtype == compute_dtype else flat_x.to(lora_dtype)
         hidden, masks = [], []
@@ -115,7 +117,8 @@ class FusedLoraLinear(torch.autograd.Function):
                 input_terms.append((gh, A.to(lora_dtype), mask, term.dropout))
         grad_x = None
         if needs_x:
-            grad_x = dequant_matmul_tiled.grad_input(g, ctx.dequantize, dtype).to(x.dtype)  # (tokens, in)
+            shape = (g.shape[1], x.shape[-1])
+            grad_x = dequant_matmul_tiled.grad_input(g, ctx.dequantize, dtype, shape).to(x.dtype)  # (tokens, in)
             for gh, A, mask, p in input_terms:
                 if mask is None:
                     _add_product(grad_x, gh, A, 1.0)

@@ -308,6 +308,29 @@ def test_the_fused_op_takes_the_measured_or_forced_product(forced, tiles, monkey
     autotune.reset()
 
 
+def test_a_class_that_kept_the_whole_weight_runs_it_with_no_probe_tile(monkeypatch):
+    from qlora_inject.kernels import autotune, dequant_cpu, dequant_matmul_tiled
+    from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
+
+    if not dequant_cpu.available():
+        pytest.skip("the tiles are dequantized by the numba kernel: pip install numba")
+    monkeypatch.setattr(dequant_matmul_tiled, "TILE_BYTES", 4096)
+    monkeypatch.delenv("QLORA_INJECT_KERNEL", raising=False)
+    autotune.reset()
+    dequantize, twin, calls = _nf4_weight(300, 128)
+    x = torch.randn(6, 128, requires_grad=True)
+    g = torch.ones(6, 300)
+    for product, left in (("x·Wᵀ", x), ("g·W", g)):                          # both classes measured: whole kept
+        autotune._choices[dequant_matmul_tiled._class(product, (300, 128), left)] = "torch"
+    A, B = torch.randn(4, 128, requires_grad=True), torch.randn(300, 4, requires_grad=True)
+    out = fused_lora_linear(x, None, dequantize(torch.float32), torch.float32, [(A, B, AdapterTerm(0.5))], True)
+    out.backward(g)
+    assert len(calls) == 2, f"{len(calls)} dequantizations: a probe tile ran before a kept whole weight"
+    reference = x.detach() @ twin(torch.float32).t() + 0.5 * (x.detach() @ A.detach().t()) @ B.detach().t()
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-4)
+    autotune.reset()
+
+
 def test_a_measured_candidate_may_dispatch_a_measured_dequantization(monkeypatch):
     import threading
 
