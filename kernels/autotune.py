@@ -54,7 +54,11 @@ def shape_class(fmt: str, dtype: torch.dtype, numel: int, out: torch.Tensor | No
     return (fmt, dtype, None if out is None else out.dtype, max(numel, 1).bit_length(), torch.get_num_threads())
 
 
-def choose(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = 1.0) -> T:
+MARGIN = 1.1   # a candidate replaces the first (all threads) only this much faster: a near-tie is noise, and in a
+               # training step the 1-thread kernel kept on 6.8 against 6.9 ms cost 4.4 ms more (NF4, the EPYC)
+
+
+def choose(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = MARGIN) -> T:
     """Run the kept (or forced) candidate for `key`; at the class's first use the first candidate, at
     its second every candidate, measured, keeping the fastest.
 
@@ -87,7 +91,7 @@ def choose(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = 1
     return candidates[name]()
 
 
-def _measure(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = 1.0, rounds: int = 3) -> str:
+def _measure(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = MARGIN, rounds: int = 3) -> str:
     """Time each candidate on the real weight, interleaved so all see the same machine; keep the fastest.
 
     A warm-up call first (numba compiles or loads from its cache; a fresh buffer is paged in); then up

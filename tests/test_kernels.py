@@ -348,6 +348,25 @@ def test_a_measured_candidate_may_dispatch_a_measured_dequantization(monkeypatch
     autotune.reset()
 
 
+def test_a_near_tie_keeps_the_default_path(monkeypatch):
+    import time
+
+    from qlora_inject.kernels import autotune
+
+    monkeypatch.delenv("QLORA_INJECT_KERNEL", raising=False)
+    autotune.reset()
+    paths = {"numba": lambda: time.sleep(0.010) or "all threads", "numba-1-threads": lambda: time.sleep(0.0095) or "1"}
+    for _ in range(2):
+        kept = autotune.choose(("near tie",), paths)                          # 5 % faster: noise, not a reason
+    assert kept == "all threads" and autotune.decisions()[("near tie",)][0] == "numba"
+    paths["numba-1-threads"] = lambda: time.sleep(0.005) or "1"
+    autotune.reset()
+    for _ in range(2):
+        kept = autotune.choose(("clear",), paths)                             # twice as fast: replaces it
+    assert kept == "1"
+    autotune.reset()
+
+
 def test_another_path_replaces_the_default_only_when_a_margin_faster(monkeypatch):
     import time
 
