@@ -206,6 +206,15 @@ def _splat(builder, value, vector):
                                                                                 [0] * vector.count))
 
 
+def _bf16_bits(builder, values):
+    # The bf16 bit patterns nearest 16 fp32 lanes, ties to even, in the low half of i32 lanes: `half_bits`.
+    words = ir.VectorType(_I32, 16)
+    u = builder.bitcast(values, words)
+    odd = builder.and_(builder.lshr(u, ir.Constant(words, [16] * 16)), ir.Constant(words, [1] * 16))
+    return builder.lshr(builder.add(builder.add(u, ir.Constant(words, [0x7FFF] * 16)), odd),
+                        ir.Constant(words, [16] * 16))
+
+
 def _rounded(builder, value, mode, half):
     # `put`'s rounding of 16 fp32 lanes for `mode` (an i64 at run time, branch-free: every rounding is made
     # and the mode selects one): fp32 values for modes 0–2 (`half` False), bit patterns for 3–5. fp16 by
@@ -217,16 +226,10 @@ def _rounded(builder, value, mode, half):
     def mode_is(k):
         return builder.icmp_unsigned("==", mode, ir.Constant(mode.type, k))
 
-    def bf16_bits(x):
-        u = builder.bitcast(x, words)
-        odd = builder.and_(builder.lshr(u, ir.Constant(words, [16] * 16)), ir.Constant(words, [1] * 16))
-        return builder.lshr(builder.add(builder.add(u, ir.Constant(words, [0x7FFF] * 16)), odd),
-                            ir.Constant(words, [16] * 16))
-
     if half:                                                               # 3: fp16, 4: bf16, 5: fp16 then bf16
-        bf16 = builder.trunc(bf16_bits(builder.select(mode_is(5), in_half, value)), bits16)
+        bf16 = builder.trunc(_bf16_bits(builder, builder.select(mode_is(5), in_half, value)), bits16)
         return builder.select(mode_is(3), builder.bitcast(as_half, bits16), bf16)
-    in_bf16 = builder.bitcast(builder.shl(bf16_bits(value), ir.Constant(words, [16] * 16)), floats)
+    in_bf16 = builder.bitcast(builder.shl(_bf16_bits(builder, value), ir.Constant(words, [16] * 16)), floats)
     return builder.select(mode_is(1), in_half, builder.select(mode_is(2), in_bf16, value))
 
 
@@ -295,15 +298,10 @@ def _bf16_table(typingctx, table, code, scale):
     def codegen(context, builder, sig, args):
         table_v, code_v, scale_v = args
         zero = ir.Constant(ir.IntType(64), 0)
-        floats, words = ir.VectorType(ir.FloatType(), 16), ir.VectorType(_I32, 16)
+        floats = ir.VectorType(ir.FloatType(), 16)
         values = builder.load(_address(context, builder, sig.args[1], code_v, zero, floats), align=1)
-        splat = builder.insert_element(ir.Constant(floats, None), scale_v, ir.Constant(_I32, 0))
-        splat = builder.shuffle_vector(splat, ir.Constant(floats, None), ir.Constant(words, [0] * 16))
-        u = builder.bitcast(builder.fmul(values, splat), words)
-        odd = builder.and_(builder.lshr(u, ir.Constant(words, [16] * 16)), ir.Constant(words, [1] * 16))
-        rounded = builder.lshr(builder.add(builder.add(u, ir.Constant(words, [0x7FFF] * 16)), odd),
-                               ir.Constant(words, [16] * 16))
-        bits = builder.trunc(rounded, ir.VectorType(_I16, 16))
+        bits = builder.trunc(_bf16_bits(builder, builder.fmul(values, _splat(builder, scale_v, floats))),
+                             ir.VectorType(_I16, 16))
         builder.store(bits, _address(context, builder, sig.args[0], table_v, zero, ir.VectorType(_I16, 16)),
                       align=1)
         return context.get_dummy_value()
