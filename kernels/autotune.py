@@ -5,7 +5,8 @@ kernel take 34 ms on an Intel Xeon against 8.6–9 ms on an AMD EPYC), so nothin
 machine. The first time a dispatcher dequantizes a weight of a given shape class — (format, dtype,
 output buffer's dtype, size to the nearest power of two, torch's thread count) — it runs the first
 candidate (the numba kernel where it applies); the second time, every candidate path on that very
-weight, interleaved, keeping the fastest for the rest of the process. (A class used only once, as
+weight, interleaved, keeping the fastest for the rest of the process (another path replaces the first
+only when `MARGIN` times faster: a near-tie keeps the first). (A class used only once, as
 by the injection-time self-check or a merge, is never worth a measurement that runs the slow twin.)
 Every dequantization candidate computes the same bits (the numba kernels at each thread count, the
 pure-torch twin, and the owning library's own dequantization where it is bit-identical), so that

@@ -328,6 +328,9 @@ def test_a_class_that_kept_the_whole_weight_runs_it_with_no_probe_tile(monkeypat
     assert len(calls) == 2, f"{len(calls)} dequantizations: a probe tile ran before a kept whole weight"
     reference = x.detach() @ twin(torch.float32).t() + 0.5 * (x.detach() @ A.detach().t()) @ B.detach().t()
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-4)
+    monkeypatch.setenv("QLORA_INJECT_KERNEL", "numba")                       # forcing the tiles still forces them
+    fused_lora_linear(x, None, dequantize(torch.float32), torch.float32, [(A, B, AdapterTerm(0.5))], True)
+    assert len(calls) > 3
     autotune.reset()
 
 
