@@ -108,15 +108,18 @@ def median_seconds(step: Callable[[], None], repeat: int = 7, warmup: int = 2) -
 
 
 def interleaved_medians(steps: dict[str, Callable[[], None]], repeat: int = 7, warmup: int = 2) -> dict[str, float]:
-    """Median time of each step, the steps run in turn (a, b, c, a, b, c, …) so that every one sees the
-    same machine: on a shared CPU, times measured one after the other drift by 10 % and more."""
+    """Median time of each step, the steps run in turn so that every one sees the same machine (on a
+    shared CPU, times measured one after the other drift by 10 % and more), the order rotated each round
+    (a, b, c, then b, c, a, then c, a, b, …) so that no step always follows the same one (PEFT's steps
+    allocate and free whole dense weights; the step after them would always pay for that)."""
     for _ in range(warmup):
         for step in steps.values():
             step()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeat):
-        for name, step in steps.items():
-            times[name].append(_seconds(step))
+    names = list(steps)
+    for round_ in range(repeat):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            times[name].append(_seconds(steps[name]))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -214,7 +217,7 @@ def run_layer_benchmark(workload: LayerWorkload) -> list[LayerResult]:
             steps.pop("peft", None)
             print(f"PEFT on {fmt}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
                   file=sys.stderr)
-        seconds = interleaved_medians(steps, workload.repeat)               # ours, dense, PEFT in turn
+        seconds = interleaved_medians(steps, workload.repeat)               # ours, dense, PEFT in turn, rotated
         ours_saved = saved_for_backward_bytes(lambda m=ours: m(x))
         results.append(LayerResult(fmt, seconds["ours"], seconds.get("peft"), seconds["dense"], ours_saved,
                                    peft_saved))

@@ -106,3 +106,15 @@ def test_layer_benchmark_measures_ours_peft_and_dense(tmp_path, dora, dropout):
     save_layer_results(text, results, tmp_path, workload.name)
     name = "layer" + ("_dora" if dora else "") + ("_dropout" if dropout else "")
     assert (tmp_path / f"{name}.md").is_file() and (tmp_path / f"{name}.png").is_file()
+
+
+def test_interleaved_steps_rotate_so_none_always_follows_the_same_one():
+    from qlora_inject.bench import interleaved_medians
+
+    order: list[str] = []
+    steps = {name: (lambda name=name: order.append(name)) for name in ("ours", "dense", "peft")}
+    medians = interleaved_medians(steps, repeat=6, warmup=0)
+    assert set(medians) == set(steps) and all(value >= 0 for value in medians.values())
+    followers = {(before, after) for before, after in zip(order, order[1:], strict=False)}
+    assert ("peft", "ours") in followers and ("peft", "dense") in followers, order
+    assert [order.count(name) for name in steps] == [6, 6, 6]
