@@ -277,10 +277,8 @@ def _lookup_nibbles_32(typingctx, out, out_at, packed, packed_at, shift, table):
                            align=1)
         lane = _I16 if half else _I32
         wide = ir.VectorType(lane, 32)
-        amount = builder.trunc(shift_v, lane)
-        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(wide, None), amount, ir.Constant(_I32, 0)),
-                                       ir.Constant(wide, None), ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
-        codes = builder.and_(builder.lshr(builder.zext(raw, wide), splat), ir.Constant(wide, [15] * 32))
+        amount = _splat(builder, builder.trunc(shift_v, lane), wide)
+        codes = builder.and_(builder.lshr(builder.zext(raw, wide), amount), ir.Constant(wide, [15] * 32))
         halves = [codes] if half else [builder.shuffle_vector(codes, codes, ir.Constant(
             ir.VectorType(_I32, 16), list(range(16 * part, 16 * part + 16)))) for part in range(2)]
         parts = [_permute(context, builder, sig.args[5], table_v, index) for index in halves]
@@ -416,15 +414,14 @@ def _gptq_8_rows(typingctx, out, out_at, out_stride, qweight, word_at, zeros, sc
 
     def codegen(context, builder, sig, args):
         out_v, out_at_v, out_stride_v, qweight_v, word_at_v, zeros_v, scales_v, rows_v, o_v, mode_v = args
-        ints, floats = ir.VectorType(_I32, 16), ir.VectorType(ir.FloatType(), 16)
+        ints = ir.VectorType(_I32, 16)
         words = builder.load(_address(context, builder, sig.args[3], qweight_v, word_at_v, ints), align=1)
         rows = context.make_array(sig.args[7])(context, builder, rows_v).data
         for r in range(8):
             at = builder.add(builder.load(builder.gep(rows, [ir.Constant(ir.IntType(64), r)])), o_v)
-            zero = builder.load(_address(context, builder, sig.args[5], zeros_v, at, ints), align=1)
-            scale = builder.load(_address(context, builder, sig.args[6], scales_v, at, floats), align=1)
+            zero, scale = _zero_scale(context, builder, sig.args[5], zeros_v, sig.args[6], scales_v, at)
             codes = builder.and_(builder.lshr(words, ir.Constant(ints, [4 * r] * 16)), ir.Constant(ints, [15] * 16))
-            value = builder.fmul(builder.sitofp(builder.sub(codes, zero), floats), scale)
+            value = _affine(builder, codes, zero, scale)
             row_at = builder.add(out_at_v, builder.mul(out_stride_v, ir.Constant(out_stride_v.type, r)))
             _store(context, builder, sig.args[0], out_v, row_at, _rounded(builder, value, mode_v, half))
         return context.get_dummy_value()
