@@ -53,6 +53,16 @@ def _words(*shape: int) -> torch.Tensor:
     return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32)
 
 
+def _lines(numel: int, out_type):
+    """A zeroed numpy array of `out_type` (float32 or uint16) starting on a 64-byte line (torch's CPU
+    allocations are), as the non-temporal stores need."""
+    import numpy as np
+
+    memory = torch.zeros(numel, dtype=torch.float32 if out_type == np.float32 else torch.int16)
+    assert memory.data_ptr() % 64 == 0
+    return np.from_dlpack(memory).view(out_type)
+
+
 def test_rounding_to_fp16_and_bf16_equals_torch_casts_including_ties_subnormals_and_overflow():
     convert = dequant_cpu._kernels()["convert"]
     values = torch.cat([
@@ -125,13 +135,15 @@ def test_the_avx512_4bit_lookup_gives_the_scalar_kernels_bits_in_every_mode(bloc
     absmax[2::5] = np.float32(1 + 2 ** -8)                                  # bf16 ties
     code = torch.linspace(-1, 1, 16).numpy()
     out_type = np.float32 if mode <= 2 else np.uint16
-    expected, got = np.zeros(numel, out_type), np.zeros(numel, out_type)
+    expected = np.zeros(numel, out_type)
     kernels.blockwise_4bit(packed, absmax, code, blocksize, numel, mode, expected)
     whole = numel // blocksize
-    kernels.blockwise_4bit_avx512(packed, absmax, code, blocksize, whole, mode, got)
-    assert got[whole * blocksize:].max() == 0, "wrote past its whole blocks"
-    assert np.array_equal(got[:whole * blocksize].view(np.uint32 if mode <= 2 else np.uint16),
-                          expected[:whole * blocksize].view(np.uint32 if mode <= 2 else np.uint16))
+    for stream in (False, True):                                            # plain and non-temporal stores
+        got = _lines(numel, out_type)
+        kernels.blockwise_4bit_avx512(packed, absmax, code, blocksize, whole, mode, stream, got)
+        assert got[whole * blocksize:].max() == 0, "wrote past its whole blocks"
+        assert np.array_equal(got[:whole * blocksize].view(np.uint32 if mode <= 2 else np.uint16),
+                              expected[:whole * blocksize].view(np.uint32 if mode <= 2 else np.uint16))
 
 
 @pytest.mark.skipif(not dequant_cpu.avx512(), reason="the AVX-512 lookup needs AVX-512 F and BW")
@@ -149,25 +161,29 @@ def test_the_avx512_hqq_lookup_gives_the_scalar_kernels_bits_in_every_mode(mode,
     scale = (torch.rand(count, 1) * 0.02).numpy()
     scale[::3] = np.float32(3e4)                                            # products past fp16's range
     out_type = np.float32 if mode <= 2 else np.uint16
-    expected, got = np.zeros(rows * cols, out_type), np.zeros(rows * cols, out_type)
+    expected = np.zeros(rows * cols, out_type)
     kernels.hqq_4bit(packed, zero, scale, rows, mode, expected)
-    kernels.hqq_4bit_avx512(packed, zero, scale, rows, mode, got)
     bits = np.uint32 if mode <= 2 else np.uint16
-    assert np.array_equal(got.view(bits), expected.view(bits))
+    for stream in (False, True):
+        got = _lines(rows * cols, out_type)
+        kernels.hqq_4bit_avx512(packed, zero, scale, rows, mode, stream, got)
+        assert np.array_equal(got.view(bits), expected.view(bits))
 
 
 @pytest.mark.skipif(not dequant_cpu.f16c(), reason="the vector GPTQ/AWQ kernels round with F16C")
 @pytest.mark.parametrize("mode", range(6))
-def test_the_vector_gptq_and_awq_kernels_give_the_scalar_kernels_bits_in_every_mode(mode):
-    """16 columns and several rows at a time against one element at a time, on scales that overflow fp16,
-    fall to its subnormals and round to ties, with a partial last word row, act-order groups, groups that
-    split a block of 4 AWQ rows, and columns past the last multiple of 16."""
+@pytest.mark.parametrize("out_features, stream", [(40, False), (64, True)])
+def test_the_vector_gptq_and_awq_kernels_give_the_scalar_kernels_bits_in_every_mode(mode, out_features, stream):
+    """A line of columns and several rows at a time against one element at a time, on scales that overflow
+    fp16, fall to its subnormals and round to ties, with a partial last word row, act-order groups, groups
+    that split a block of 4 AWQ rows, and columns past the last whole line (40); rows of whole lines (64)
+    with non-temporal stores."""
     import numpy as np
 
     from qlora_inject.kernels import dequant_cpu_numba as kernels
 
     torch.manual_seed(mode)
-    in_features, out_features = 98, 40
+    in_features = 98
     zeros = torch.randint(0, 16, (in_features, out_features), dtype=torch.int32).numpy()
     scales = (torch.rand(in_features, out_features) * 0.1).numpy()
     scales[::3] = np.float32(3e3)                                           # products past fp16's range
@@ -178,16 +194,16 @@ def test_the_vector_gptq_and_awq_kernels_give_the_scalar_kernels_bits_in_every_m
     qweight = _words(-(-in_features // 8), out_features).numpy()
     for g_idx in (torch.arange(in_features) // 7, torch.randperm(in_features) % 14):
         g_idx = g_idx.numpy()
-        expected, got = np.zeros(in_features * out_features, out_type), np.zeros(in_features * out_features, out_type)
+        expected, got = np.zeros(in_features * out_features, out_type), _lines(in_features * out_features, out_type)
         kernels.gptq(qweight, zeros, scales, g_idx, 4, in_features, mode, expected)
-        kernels.gptq_4bit(qweight, zeros, scales, g_idx, in_features, mode, got)
+        kernels.gptq_4bit(qweight, zeros, scales, g_idx, in_features, mode, stream, got)
         assert np.array_equal(got.view(bits), expected.view(bits)), "gptq"
     positions = np.array([0, 4, 1, 5, 2, 6, 3, 7], dtype=np.int64)
     qweight = _words(in_features, out_features // 8).numpy()
     for group_size in (6, 32):
-        expected, got = np.zeros(in_features * out_features, out_type), np.zeros(in_features * out_features, out_type)
+        expected, got = np.zeros(in_features * out_features, out_type), _lines(in_features * out_features, out_type)
         kernels.awq(qweight, zeros, scales, group_size, positions, 4, out_features, mode, expected)
-        kernels.awq_4bit(qweight, zeros, scales, group_size, positions, out_features, mode, got)
+        kernels.awq_4bit(qweight, zeros, scales, group_size, positions, out_features, mode, stream, got)
         assert np.array_equal(got.view(bits), expected.view(bits)), "awq"
 
 
@@ -267,6 +283,28 @@ def test_hqq_4bit_kernel_equals_the_twin(axis, rows, dtype):
     _same(dequantize_hqq(packed, meta), twin)
     for buffer_dtype in {torch.float32, dtype}:
         _same(dequantize_hqq(packed, meta, out=scratch(rows * cols, buffer_dtype, "cpu")), twin)
+
+
+def test_an_out_buffer_off_a_cache_line_gets_plain_stores_and_the_same_bits():
+    """The vector kernels write whole aligned lines with non-temporal stores, which fault on an unaligned
+    address: an `out` that starts one element into a buffer must be written with plain stores."""
+    torch.manual_seed(0)
+    rows, cols = 64, 64
+    shifted = torch.empty(rows * cols + 1, dtype=torch.bfloat16)[1:]       # 2 bytes past a line
+    assert shifted.data_ptr() % 64 != 0
+    packed = torch.randint(0, 256, (rows * cols // 2,), dtype=torch.uint8)
+    absmax, code = torch.rand(rows * cols // 64), torch.linspace(-1, 1, 16)
+    twin = dequantize_4bit_torch(packed, absmax, code, 64, (rows, cols), torch.bfloat16)
+    _same(dequantize_4bit(packed, absmax, code, 64, (rows, cols), torch.bfloat16, out=shifted), twin)
+    qweight, qzeros = _words(rows, cols // 8), _words(rows // 32, cols // 8)
+    scales = (torch.rand(rows // 32, cols) * 0.1).to(torch.bfloat16)
+    args = (qweight, qzeros, scales, 4, 32, cols, True)
+    _same(dequantize_awq_gemm(*args, out=shifted), dequantize_awq_gemm_torch(*args))
+    meta = {"packing": "4bit_u8", "axis": 1, "group_size": cols, "shape": (rows * cols // 16, 16),
+            "compute_dtype": torch.bfloat16, "zero": (torch.rand(rows, 1) * 15).to(torch.bfloat16),
+            "scale": torch.rand(rows, 1).to(torch.bfloat16)}
+    hqq_packed = torch.randint(0, 256, (rows // 2, cols), dtype=torch.uint8)
+    _same(dequantize_hqq(hqq_packed, meta, out=shifted), dequantize_hqq_torch(hqq_packed, meta))
 
 
 def test_int8_rows_equal_the_formula():
