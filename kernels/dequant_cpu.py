@@ -87,7 +87,8 @@ def _pool_is_ours() -> bool:
 def _kernels():
     module = importlib.import_module("qlora_inject.kernels.dequant_cpu_numba")
     names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_8bit", "blockwise_8bit_avx512", "rowwise_int8",
-             "gptq", "gptq_4bit", "awq", "awq_4bit", "hqq_4bit", "hqq_4bit_avx512", "convert", "convert_fp16_soft")
+             "rowwise_int8_lines", "gptq", "gptq_4bit", "awq", "awq_4bit", "hqq_4bit", "hqq_4bit_avx512", "convert",
+             "convert_fp16_soft")
     return {name: getattr(module, name) for name in names}
 
 
@@ -209,7 +210,11 @@ def rowwise_int8(codes: Tensor, row_scales: Tensor, out: Tensor | None = None,
     path, in `dtype` (fp32 when `out` is an fp32 scratch)."""
     rows, cols = codes.shape
     result, array, mode = _target(rows * cols, dtype, out)
-    _kernel("rowwise_int8")(_array(codes.contiguous()), _array(row_scales.float().contiguous()), mode, array)
+    arrays = (_array(codes.contiguous()), _array(row_scales.float().contiguous()), mode)
+    if f16c():
+        _kernel("rowwise_int8_lines")(*arrays, _streams(array, cols), array)
+    else:
+        _kernel("rowwise_int8")(*arrays, array)
     return result.view(rows, cols)
 
 

@@ -431,6 +431,47 @@ def rowwise_int8(codes, row_scales, mode, out):
             put(dst, col, np.float32(codes[row, col]) * factor, mode)
 
 
+@intrinsic
+def _int8_line(typingctx, out, out_at, codes, codes_at, factor, mode, stream):
+    # out.flat[out_at : … + width] = fp32(code) · factor for the int8 codes from codes.flat[codes_at], rounded
+    # as `put` for `mode` (needs F16C): a 64-byte line of `out` (`_line`: 16 fp32, 32 fp16/bf16 bit patterns).
+    # `stream`: as `_store`.
+    half = out.dtype == types.uint16
+    sig = types.void(out, types.intp, codes, types.intp, types.float32, types.intp, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        out_v, out_at_v, codes_v, codes_at_v, factor_v, mode_v, stream_v = args
+        floats = ir.VectorType(ir.FloatType(), 16)
+        scale = _splat(builder, factor_v, floats)
+        parts = []
+        for k in range(2 if half else 1):                              # 16 columns each
+            at = builder.add(codes_at_v, ir.Constant(codes_at_v.type, 16 * k))
+            raw = builder.load(_address(context, builder, sig.args[2], codes_v, at, ir.VectorType(_I8, 16)), align=1)
+            value = builder.fmul(builder.sitofp(raw, floats), scale)
+            parts.append(_rounded(builder, value, mode_v, half))
+        _store(context, builder, sig.args[0], out_v, out_at_v, _joined(builder, parts), stream_v)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@_parallel
+def rowwise_int8_lines(codes, row_scales, mode, stream, out):
+    # `rowwise_int8` where the CPU has F16C: a 64-byte line of a row at a time in vector code (`_int8_line`),
+    # the columns past the last whole line one at a time. `stream`: as `gptq_4bit`.
+    rows, cols = codes.shape
+    width = _line(out)
+    vector = cols // width * width
+    for row in numba.prange(rows):
+        factor = np.float32(row_scales[row]) * np.float32(1.0 / 127.0)    # bitsandbytes' rounding
+        for col in range(0, vector, width):
+            _int8_line(out, row * cols + col, codes, row * cols + col, factor, mode, stream)
+        for col in range(vector, cols):
+            put(out, row * cols + col, np.float32(codes[row, col]) * factor, mode)
+        if stream:
+            _fence()
+
+
 @_parallel
 def gptq(qweight, zeros, scales, g_idx, bits, in_features, mode, out):
     # out (in, out_features): (q[i, o] − z[g[i], o]) · s[g[i], o]; q packed along in (dim 0).

@@ -305,6 +305,34 @@ def test_an_out_buffer_off_a_cache_line_gets_plain_stores_and_the_same_bits():
             "scale": torch.rand(rows, 1).to(torch.bfloat16)}
     hqq_packed = torch.randint(0, 256, (rows // 2, cols), dtype=torch.uint8)
     _same(dequantize_hqq(hqq_packed, meta, out=shifted), dequantize_hqq_torch(hqq_packed, meta))
+    codes, row_scales = torch.randint(-127, 128, (rows, cols), dtype=torch.int8), torch.rand(rows) * 5
+    _same(dequant_cpu.rowwise_int8(codes, row_scales, shifted, torch.bfloat16),
+          codes.to(torch.bfloat16).mul_((row_scales * (1.0 / 127.0))[:, None]))
+
+
+@pytest.mark.skipif(not dequant_cpu.f16c(), reason="the vector int8 kernel rounds with F16C")
+@pytest.mark.parametrize("mode", range(6))
+@pytest.mark.parametrize("cols, stream", [(70, False), (64, True)])
+def test_the_vector_int8_kernel_gives_the_scalar_kernels_bits_in_every_mode(mode, cols, stream):
+    """A line of a row at a time against one element at a time, on row scales that overflow fp16, fall to
+    its subnormals and round to ties; columns past the last whole line (70), whole-line rows streamed (64)."""
+    import numpy as np
+
+    from qlora_inject.kernels import dequant_cpu_numba as kernels
+
+    torch.manual_seed(mode)
+    rows = 33
+    codes = torch.randint(-127, 128, (rows, cols), dtype=torch.int8).numpy()
+    scales = (torch.rand(rows) * 5).numpy()
+    scales[::3] = np.float32(3e6)                                           # products past fp16's range
+    scales[1::3] = np.float32(1e-5)                                         # into fp16's subnormals
+    scales[2::5] = np.float32(127 * (1 + 2 ** -9))                          # ties
+    out_type = np.float32 if mode <= 2 else np.uint16
+    bits = np.uint32 if mode <= 2 else np.uint16
+    expected, got = np.zeros(rows * cols, out_type), _lines(rows * cols, out_type)
+    kernels.rowwise_int8(codes, scales, mode, expected)
+    kernels.rowwise_int8_lines(codes, scales, mode, stream, got)
+    assert np.array_equal(got.view(bits), expected.view(bits))
 
 
 def test_int8_rows_equal_the_formula():
