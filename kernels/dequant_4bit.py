@@ -77,6 +77,9 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
                     library: Callable[[], Tensor] | None = None) -> Tensor:
     """The Triton kernel for CUDA tensors; on CPU the fastest of the numba kernel, the pure-torch twin
     and `library`, measured at first use per shape class (`kernels.autotune`); the twin otherwise.
+    Asked for a tile of rows (`dequant_matmul_tiled.only_rows`), the numba kernel writes that tile; asked
+    for W in-major (`dequant_matmul_tiled.in_major`) where `dequant_cpu.in_major_fits`, the numba kernel
+    writes it transposed (or the twin's transpose is copied, as measured), and the (out, in) view returns.
 
     Args:
         out: Optional 1-D scratch (e.g. `kernels.workspace.scratch`) the result may be written into;
@@ -101,6 +104,14 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     request = dequant_matmul_tiled.requested_rows()
     if request is not None and fits and len(shape) == 2 and dequant_cpu.available():
         return _rows_of(request, data, absmax, code, blocksize, shape, dtype, out)
+    layout = dequant_matmul_tiled.requested_layout()
+    if layout is not None and fits and dequant_cpu.available() and dequant_cpu.in_major_fits(shape, blocksize, dtype,
+                                                                                            out):
+        layout.honoured = True
+        paths.update(dequant_cpu.candidates(
+            lambda: dequant_cpu.blockwise_4bit_in_major(data, absmax, code, blocksize, shape, dtype, out)))
+        paths["torch"] = lambda: twin().t().contiguous().t()
+        return autotune.choose(autotune.shape_class("4bit in-major", dtype, numel, out), paths)
     if dequant_cpu.available() and fits:
         paths.update(dequant_cpu.candidates(
             lambda: dequant_cpu.blockwise_4bit(data, absmax, code, blocksize, numel, dtype, out).view(shape)))

@@ -86,9 +86,9 @@ def _pool_is_ours() -> bool:
 @functools.cache
 def _kernels():
     module = importlib.import_module("qlora_inject.kernels.dequant_cpu_numba")
-    names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_8bit", "blockwise_8bit_avx512", "rowwise_int8",
-             "rowwise_int8_lines", "gptq", "gptq_4bit", "awq", "awq_4bit", "hqq_4bit", "hqq_4bit_avx512", "convert",
-             "convert_fp16_soft")
+    names = ("blockwise_4bit", "blockwise_4bit_avx512", "blockwise_4bit_in_major", "blockwise_8bit",
+             "blockwise_8bit_avx512", "rowwise_int8", "rowwise_int8_lines", "gptq", "gptq_4bit", "awq", "awq_4bit",
+             "hqq_4bit", "hqq_4bit_avx512", "convert", "convert_fp16_soft")
     return {name: getattr(module, name) for name in names}
 
 
@@ -191,6 +191,27 @@ def blockwise_4bit(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, n
         _kernel("blockwise_4bit")(packed[done // 2:], scales[whole:], table, blocksize, numel - done, mode,
                                   array[done:])
     return result
+
+
+def in_major_fits(shape: tuple[int, ...], blocksize: int, dtype: torch.dtype, out: Tensor | None) -> bool:
+    """True when `blockwise_4bit_in_major` can write this weight: AVX-512, fp16/bf16 values into a buffer of
+    that dtype (or a new one), rows a multiple of 32, whole blocks of a multiple of 32 per row."""
+    if len(shape) != 2 or dtype not in _HALF_MODES or (out is not None and out.dtype != dtype):
+        return False
+    rows, cols = shape
+    return avx512() and rows % 32 == 0 and blocksize % 32 == 0 and cols % blocksize == 0
+
+
+def blockwise_4bit_in_major(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: tuple[int, int],
+                            dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """`blockwise_4bit` of a (rows, cols) weight written in-major, its transpose contiguous: returned as the
+    (rows, cols) view of that (cols, rows) memory, the same values. Only where `in_major_fits`."""
+    rows, cols = shape
+    result, array, mode = _target(rows * cols, dtype, out)
+    _kernel("blockwise_4bit_in_major")(_array(data), _array(absmax.float().contiguous()),
+                                       _array(code.float().cpu()[:16].contiguous()), blocksize, rows, cols, mode,
+                                       _streams(array, rows), array)
+    return result.view(cols, rows).t()
 
 
 def blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int, offset: Tensor | float) -> Tensor:

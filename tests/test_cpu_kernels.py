@@ -146,6 +146,49 @@ def test_the_avx512_4bit_lookup_gives_the_scalar_kernels_bits_in_every_mode(bloc
                               expected[:whole * blocksize].view(np.uint32 if mode <= 2 else np.uint16))
 
 
+@pytest.mark.skipif(not dequant_cpu.avx512(), reason="the in-major kernel looks codes up with AVX-512")
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256])
+@pytest.mark.parametrize("mode", [3, 4])
+def test_the_in_major_4bit_kernel_writes_the_lookup_kernels_values_transposed(blocksize, mode):
+    """(rows, cols) written as (cols, rows): every value the out-major kernel gives, in its transposed place,
+    on scales that round to ties, overflow fp16 and fall to its subnormals; a partial column chunk (160)."""
+    import numpy as np
+
+    from qlora_inject.kernels import dequant_cpu_numba as kernels
+
+    torch.manual_seed(blocksize)
+    rows, cols = 96, max(160, blocksize)
+    cols -= cols % blocksize
+    packed = torch.randint(0, 256, (rows * cols // 2,), dtype=torch.uint8).numpy()
+    absmax = (torch.rand(rows * cols // blocksize) * 3).numpy()
+    absmax[::5] = np.float32(7e4)
+    absmax[1::5] = np.float32(3e-6)
+    absmax[2::5] = np.float32(1 + 2 ** -8)
+    code = torch.linspace(-1, 1, 16).numpy()
+    expected = _lines(rows * cols, np.uint16)
+    kernels.blockwise_4bit_avx512(packed, absmax, code, blocksize, absmax.shape[0], mode, False, expected)
+    for stream in (False, True):
+        got = _lines(rows * cols, np.uint16)
+        kernels.blockwise_4bit_in_major(packed, absmax, code, blocksize, rows, cols, mode, stream, got)
+        assert np.array_equal(got.reshape(cols, rows), expected.reshape(rows, cols).T)
+
+
+def test_the_4bit_dispatch_writes_w_in_major_when_asked_and_able():
+    from qlora_inject.kernels import dequant_matmul_tiled
+
+    torch.manual_seed(0)
+    rows, cols = 64, 128
+    packed = torch.randint(0, 256, (rows * cols // 2,), dtype=torch.uint8)
+    absmax, code = torch.rand(rows * cols // 64) * 2, torch.linspace(-1, 1, 16)
+    for dtype in DTYPES:
+        twin = dequantize_4bit_torch(packed, absmax, code, 64, (rows, cols), dtype)
+        with dequant_matmul_tiled.in_major() as request:
+            got = dequantize_4bit(packed, absmax, code, 64, (rows, cols), dtype, out=scratch(rows * cols, dtype, "cpu"))
+        _same(got, twin)
+        able = dtype != torch.float32 and dequant_cpu.avx512()
+        assert request.honoured == able and got.t().is_contiguous() == able, dtype
+
+
 @pytest.mark.skipif(not dequant_cpu.avx512(), reason="the AVX-512 lookup needs AVX-512 F and BW")
 @pytest.mark.parametrize("mode", range(6))
 @pytest.mark.parametrize("rows, cols, per_row", [(63, 64, True), (40, 96, True), (40, 64, False)])
@@ -333,6 +376,34 @@ def test_the_vector_int8_kernel_gives_the_scalar_kernels_bits_in_every_mode(mode
     kernels.rowwise_int8(codes, scales, mode, expected)
     kernels.rowwise_int8_lines(codes, scales, mode, stream, got)
     assert np.array_equal(got.view(bits), expected.view(bits))
+
+
+def test_a_large_cpu_scratch_starts_on_a_huge_page_and_asks_for_huge_pages():
+    from qlora_inject.kernels import workspace
+
+    buffer = workspace.scratch(3 * workspace.HUGE_PAGE // 2, torch.bfloat16, "cpu")   # 3 MiB
+    assert buffer.data_ptr() % workspace.HUGE_PAGE == 0 and buffer.numel() == 3 * workspace.HUGE_PAGE // 2
+    buffer.fill_(1.0)
+    assert buffer.sum().item() == buffer.numel()
+    try:
+        setting = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return                                                              # no THP on this system: nothing to see
+    if "[never]" in setting:
+        return
+    start = buffer.data_ptr()
+    with open("/proc/self/smaps") as maps:
+        huge = region = None
+        for line in maps:
+            first = line.split()[0]
+            if "-" in first and ":" not in first:
+                low, high = (int(value, 16) for value in first.split("-"))
+                region = low <= start < high
+            elif region and line.startswith("AnonHugePages:"):
+                huge = int(line.split()[1])
+    assert huge is not None and huge >= 2048, f"the scratch's mapping holds {huge} kB of huge pages"
+    small = workspace.scratch(100, torch.float16, "cpu")                   # under a huge page: a plain tensor
+    assert small.numel() == 100
 
 
 def test_int8_rows_equal_the_formula():

@@ -334,6 +334,67 @@ def test_a_class_that_kept_the_whole_weight_runs_it_with_no_probe_tile(monkeypat
     autotune.reset()
 
 
+def test_the_input_gradient_may_take_w_in_major_with_the_same_values(monkeypatch):
+    """bf16: `g · W` is offered W in-major (its transpose contiguous, which oneDNN reads faster here); kept,
+    the backward asks the dequantization for it, and the gradient equals the whole-weight product's."""
+    from qlora_inject.kernels import autotune, dequant_cpu, dequant_matmul_tiled
+    from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
+
+    if not (dequant_cpu.available() and dequant_cpu.avx512()):
+        pytest.skip("the in-major NF4 kernel needs numba and AVX-512")
+    monkeypatch.delenv("QLORA_INJECT_KERNEL", raising=False)
+    autotune.reset()
+    dtype = torch.bfloat16
+    dequantize, twin, calls = _nf4_weight(320, 128)
+    run = dequantize(dtype)
+    asked = []
+
+    def recorded() -> torch.Tensor:
+        asked.append(dequant_matmul_tiled.requested_layout() is not None)
+        return run()
+
+    x = torch.randn(6, 128, dtype=dtype)
+    g = torch.randn(6, 320, dtype=dtype)
+    A, B = torch.randn(4, 128, dtype=dtype, requires_grad=True), torch.randn(320, 4, dtype=dtype, requires_grad=True)
+    gradients = {}
+    for kept in ("torch", "torch-in-major"):                                   # the same op, W in either layout
+        autotune._choices[dequant_matmul_tiled._class("x·Wᵀ", (320, 128), x)] = "torch"
+        autotune._choices[dequant_matmul_tiled._class("g·W", (320, 128), g)] = kept
+        asked.clear()
+        leaf = x.clone().requires_grad_(True)
+        fused_lora_linear(leaf, None, recorded, dtype, [(A, B, AdapterTerm(0.5))], True).backward(g)
+        assert asked == [False, kept == "torch-in-major"]
+        gradients[kept] = leaf.grad.float()
+    # oneDNN may sum the two layouts in other orders (fp32 accumulation): one bf16 rounding apart at most.
+    bound = 2 ** -7 * gradients["torch"].abs().max().item()
+    assert (gradients["torch-in-major"] - gradients["torch"]).abs().max().item() <= bound
+    monkeypatch.setattr(dequant_matmul_tiled, "TILE_BYTES", 4096)              # a weight that tiles: measured
+    assert "torch-in-major" not in _input_gradient_candidates(torch.float32)
+    assert "torch-in-major" in _input_gradient_candidates(dtype)
+    autotune.reset()
+
+
+def _input_gradient_candidates(dtype: torch.dtype) -> list[str]:
+    """The names `grad_input` offers the measurement for a weight that tiles, in `dtype`."""
+    from qlora_inject.kernels import autotune, dequant_matmul_tiled
+
+    seen = []
+    original = autotune.choose
+
+    def spy(key, candidates, margin=autotune.MARGIN):
+        if "g·W" in str(key[0]):
+            seen.extend(candidates)
+        return original(key, candidates, margin)
+
+    dequantize, _, _ = _nf4_weight(320, 128)
+    autotune.choose = spy
+    try:
+        dequant_matmul_tiled.grad_input(torch.randn(2, 320, dtype=dtype), dequantize(dtype), dtype, None)
+    finally:
+        autotune.choose = original
+    return seen
+
+
 def test_a_measured_candidate_may_dispatch_a_measured_dequantization(monkeypatch):
     import threading
 
