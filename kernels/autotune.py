@@ -59,7 +59,7 @@ MARGIN = 1.1   # a candidate replaces the first (all threads) only this much fas
                # training step the 1-thread kernel kept on 6.8 against 6.9 ms cost 4.4 ms more (NF4, the EPYC)
 
 
-def choose(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = MARGIN) -> T:
+def choose(key: tuple, candidates: dict[str, Callable[[], T]], margin: float | dict[str, float] = MARGIN) -> T:
     """Run the kept (or forced) candidate for `key`; at the class's first use the first candidate, at
     its second every candidate, measured, keeping the fastest.
 
@@ -68,7 +68,8 @@ def choose(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = M
         candidates: Name → a call computing the weight; every one must give the same values. Names
             start with `numba` for the numba kernels (the first of them is the default thread count)
             and `torch` for the pure-torch twin, which must be present.
-        margin: Another candidate replaces the first only when `margin` times faster than it (a path
+        margin: Another candidate replaces the first only when `margin` (or `margin[name]`, by default
+            `MARGIN`) times faster than it (a path
             whose best time hides a larger spread, such as many small parallel regions, must win clearly).
 
     Returns:
@@ -92,7 +93,8 @@ def choose(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = M
     return candidates[name]()
 
 
-def _measure(key: tuple, candidates: dict[str, Callable[[], T]], margin: float = MARGIN, rounds: int = 3) -> str:
+def _measure(key: tuple, candidates: dict[str, Callable[[], T]], margin: float | dict[str, float] = MARGIN,
+             rounds: int = 3) -> str:
     """Time each candidate on the real weight, interleaved so all see the same machine; keep the fastest.
 
     A warm-up call first (numba compiles or loads from its cache; a fresh buffer is paged in); then up
@@ -114,7 +116,8 @@ def _measure(key: tuple, candidates: dict[str, Callable[[], T]], margin: float =
         if round_ >= 1:
             alive = [n for n in alive if best[n] <= 2 * fastest]
     default = next(iter(candidates))
-    chosen = min(alive, key=lambda n: best[n] * (1.0 if n == default else margin))
+    margins = margin if isinstance(margin, dict) else dict.fromkeys(candidates, margin)
+    chosen = min(alive, key=lambda n: best[n] * (1.0 if n == default else margins.get(n, MARGIN)))
     _choices[key] = chosen
     _timings[key] = dict(best)
     return chosen

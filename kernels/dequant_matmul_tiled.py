@@ -44,6 +44,9 @@ from qlora_inject.kernels import autotune
 
 TILE_BYTES = 1 << 20                          # about a core's L2: a tile stays there from its write to its reads
 TILES_MARGIN = 1.1                            # tiles run ~100 parallel regions per product: they must win clearly
+IN_MAJOR_MARGIN = 1.02                        # one kernel and one matmul, as the whole weight: a small, steady gain
+                                              # (AMD EPYC, bf16 g·W: 2.1–5.4 ms of 42–44) is a gain
+_MARGINS = {"numba-tiles": TILES_MARGIN, "torch-in-major": IN_MAJOR_MARGIN}
 _local = threading.local()
 T = TypeVar("T")
 
@@ -145,16 +148,19 @@ def grad_input(g: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype,
 
 def _measured(product: str, left: Tensor, dequantize: Callable[[], Tensor], with_whole: Callable[[Tensor], Tensor],
               candidates: dict[str, Callable[[], Tensor]], shape: tuple[int, int] | None) -> Tensor:
-    """A probe asks for the first tile: a weight that cannot tile (or fits one tile) comes back whole and
-    is used at once (no measurement); one that can is measured per (product, weight shape, left operand's size) class
-    between `candidates` (`torch`: the whole weight, first; `numba-tiles`; the input gradient's whole weight
-    in-major), another kept only when `TILES_MARGIN` times faster than the whole weight. Where the caller gives
-    the weight's `shape` and its class has kept a whole weight, that runs with no probe (on the AMD EPYC a
-    probe tile of NF4 11008 × 4096 cost 0.26 ms per product)."""
+    """A probe asks for the first tile. A weight that cannot tile (or fits one tile) comes back whole and is
+    used at once (no measurement). One that can is measured per (product, format, weight shape, left
+    operand's size) class between `candidates` (`torch`: the whole weight, first; `numba-tiles`; the input
+    gradient's whole weight in-major): tiles kept only when `TILES_MARGIN` times faster than the whole
+    weight, in-major when `IN_MAJOR_MARGIN` times. (Only NF4/FP4 tile, and only they write W in-major: int8
+    and HQQ in-major kernels were built and measured on the AMD EPYC, 8.3–12.6 and 8.9–11.8 ms against
+    4.0–5.3 out-major, a loss or a tie on the whole g · W.) Where the caller gives the weight's `shape` and
+    its class has kept a whole weight, that runs with no probe (on the AMD EPYC a probe tile of NF4
+    11008 × 4096 cost 0.26 ms per product)."""
     forced = autotune.mode()
     if forced == "torch":                                                   # forced: the whole weight, no probe
         return candidates["torch"]()
-    kept = autotune.kept(_class(product, shape, left)) if forced == "auto" and shape is not None else None
+    kept = autotune.kept(_class(product, shape, left, dequantize)) if forced == "auto" and shape is not None else None
     if kept is not None and kept != "numba-tiles" and kept in candidates:
         return candidates[kept]()
     _local.memo = {}                                                        # one absmax decode for the whole call
@@ -163,16 +169,18 @@ def _measured(product: str, left: Tensor, dequantize: Callable[[], Tensor], with
             first = dequantize()
         if not probe.honoured or probe.stop == probe.rows:                  # the whole weight, or one tile of it
             return with_whole(first)
-        key = _class(product, (probe.rows, first.shape[1]), left)
-        return autotune.choose(key, candidates, margin=TILES_MARGIN)
+        key = _class(product, (probe.rows, first.shape[1]), left, dequantize)
+        return autotune.choose(key, candidates, margin=_MARGINS)
     finally:
         _local.memo = None
 
 
-def _class(product: str, shape: tuple[int, int], left: Tensor) -> tuple:
-    """The shape class a base product's whole-or-tiles choice is kept under."""
-    return autotune.shape_class(f"base {product} of {shape[0]}×{shape[1]}, whole or tiles,", left.dtype,
-                                left.numel(), left)
+def _class(product: str, shape: tuple[int, int], left: Tensor, dequantize: Callable[[], Tensor]) -> tuple:
+    """The class a base product's choice is kept under: the product, the weight's format and shape, the left
+    operand. The format is `dequantize.format` where its maker set it (the fused LoRA layer does: formats
+    differ in what they can write, say W in-major), else none."""
+    name = f"base {product} of {getattr(dequantize, 'format', '')} {shape[0]}×{shape[1]}, whole or tiles,"
+    return autotune.shape_class(name, left.dtype, left.numel(), left)
 
 
 def linear_whole(x: Tensor, dequantize: Callable[[], Tensor], dtype: torch.dtype, bias: Tensor | None) -> Tensor:

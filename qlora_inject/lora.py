@@ -307,6 +307,7 @@ class LoraLinear(nn.Module):
         def dequantize() -> Tensor:
             return self.backend.dequantize(base, out=scratch(numel, dtype, device))
 
+        dequantize.format = self.backend.name                                 # its products' measured class
         own_forward = None
         if not base_forward_is_exact(self.backend, base, device):               # keep the format's own forward numerics
             def own_forward(inputs: Tensor) -> Tensor:

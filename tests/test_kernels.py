@@ -320,10 +320,11 @@ def test_a_class_that_kept_the_whole_weight_runs_it_with_no_probe_tile(monkeypat
     dequantize, twin, calls = _nf4_weight(300, 128)
     x = torch.randn(6, 128, requires_grad=True)
     g = torch.ones(6, 300)
+    run = dequantize(torch.float32)
     for product, left in (("x·Wᵀ", x), ("g·W", g)):                          # both classes measured: whole kept
-        autotune._choices[dequant_matmul_tiled._class(product, (300, 128), left)] = "torch"
+        autotune._choices[dequant_matmul_tiled._class(product, (300, 128), left, run)] = "torch"
     A, B = torch.randn(4, 128, requires_grad=True), torch.randn(300, 4, requires_grad=True)
-    out = fused_lora_linear(x, None, dequantize(torch.float32), torch.float32, [(A, B, AdapterTerm(0.5))], True)
+    out = fused_lora_linear(x, None, run, torch.float32, [(A, B, AdapterTerm(0.5))], True)
     out.backward(g)
     assert len(calls) == 2, f"{len(calls)} dequantizations: a probe tile ran before a kept whole weight"
     reference = x.detach() @ twin(torch.float32).t() + 0.5 * (x.detach() @ A.detach().t()) @ B.detach().t()
@@ -358,8 +359,8 @@ def test_the_input_gradient_may_take_w_in_major_with_the_same_values(monkeypatch
     A, B = torch.randn(4, 128, dtype=dtype, requires_grad=True), torch.randn(320, 4, dtype=dtype, requires_grad=True)
     gradients = {}
     for kept in ("torch", "torch-in-major"):                                   # the same op, W in either layout
-        autotune._choices[dequant_matmul_tiled._class("x·Wᵀ", (320, 128), x)] = "torch"
-        autotune._choices[dequant_matmul_tiled._class("g·W", (320, 128), g)] = kept
+        autotune._choices[dequant_matmul_tiled._class("x·Wᵀ", (320, 128), x, recorded)] = "torch"
+        autotune._choices[dequant_matmul_tiled._class("g·W", (320, 128), g, recorded)] = kept
         asked.clear()
         leaf = x.clone().requires_grad_(True)
         fused_lora_linear(leaf, None, recorded, dtype, [(A, B, AdapterTerm(0.5))], True).backward(g)
@@ -429,6 +430,36 @@ def test_a_near_tie_keeps_the_default_path(monkeypatch):
         kept = autotune.choose(("clear",), paths)                             # twice as fast: replaces it
     assert kept == "1"
     autotune.reset()
+
+
+def test_each_candidate_may_have_its_own_margin(monkeypatch):
+    """A whole weight in-major (one kernel, one matmul) is kept at a small steady gain; tiles, whose many
+    parallel regions hide a spread, need a clear one: the same 7 % gain keeps one and not the other."""
+    import time
+
+    from qlora_inject.kernels import autotune, dequant_matmul_tiled
+
+    monkeypatch.delenv("QLORA_INJECT_KERNEL", raising=False)
+    autotune.reset()
+    for name, expected in (("torch-in-major", "other"), ("numba-tiles", "whole")):
+        paths = {"torch": lambda: time.sleep(0.030) or "whole", name: lambda: time.sleep(0.028) or "other"}
+        for _ in range(2):
+            kept = autotune.choose((name,), paths, margin=dequant_matmul_tiled._MARGINS)
+        assert kept == expected, name
+    autotune.reset()
+
+
+def test_a_products_class_names_the_weights_format():
+    from qlora_inject.kernels import dequant_matmul_tiled
+
+    def nf4() -> torch.Tensor: ...
+
+    def int8() -> torch.Tensor: ...
+
+    nf4.format, int8.format = "bnb-4bit", "bnb-8bit"
+    g = torch.ones(4, 64)
+    classes = {dequant_matmul_tiled._class("g·W", (64, 32), g, run) for run in (nf4, int8)}
+    assert len(classes) == 2                                                 # one format's choice is not another's
 
 
 def test_another_path_replaces_the_default_only_when_a_margin_faster(monkeypatch):
