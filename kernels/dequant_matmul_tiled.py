@@ -24,8 +24,8 @@ of the compute dtype (`tests/test_kernels.py` pins the bound).
 In fp16/bf16 the input gradient has a third candidate, `torch-in-major`: the whole weight asked for
 in-major (`in_major`; its transpose contiguous, the (out, in) view of (in, out) memory), which oneDNN
 reads faster for `g · W` on the AMD EPYC (a layer step's g · W with NF4's dequantization: 42.3 → 37.2 ms).
-A dispatcher that cannot write W so (all but NF4/FP4 today) returns it as always, and the measurement
-keeps the plain whole weight.
+Only NF4/FP4 write W so today, and only weights that tile are measured; a dispatcher that cannot honour
+the request returns W as always (the same values).
 """
 
 from __future__ import annotations
