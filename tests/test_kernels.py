@@ -337,7 +337,8 @@ def test_a_class_that_kept_the_whole_weight_runs_it_with_no_probe_tile(monkeypat
 
 def test_the_input_gradient_may_take_w_in_major_with_the_same_values(monkeypatch):
     """bf16: `g · W` is offered W in-major (its transpose contiguous, which oneDNN reads faster here); kept,
-    the backward asks the dequantization for it, and the gradient equals the whole-weight product's."""
+    the backward asks the dequantization for it, and the gradient is within one bf16 rounding of the
+    whole-weight product's. fp32 is not offered it."""
     from qlora_inject.kernels import autotune, dequant_cpu, dequant_matmul_tiled
     from qlora_inject.kernels.fused_lora import AdapterTerm, fused_lora_linear
 
