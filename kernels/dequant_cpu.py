@@ -177,12 +177,8 @@ def blockwise_4bit(data: Tensor, absmax: Tensor, code: Tensor, blocksize: int, n
                    out: Tensor | None = None) -> Tensor:
     """NF4/FP4 codes (raw bytes) → flat weight of `numel` elements, the twin's values in `dtype`
     (in fp32 when `out` is an fp32 scratch, see `_target`)."""
-    if code.numel() < 16:
-        raise ValueError(f"a 4-bit code table has 16 values, this one {code.numel()}; pass the layer's "
-                         "quant_state.code (NF4 or FP4)")
+    packed, scales, table = _4bit_arrays(data, absmax, code)
     result, array, mode = _target(numel, dtype, out)
-    packed, scales = _array(data), _array(absmax.float().contiguous())
-    table = _array(code.float().cpu()[:16].contiguous())
     whole = numel // blocksize if blocksize % 32 == 0 and avx512() else 0   # blocks looked up 32 codes at a time
     if whole:
         _kernel("blockwise_4bit_avx512")(packed, scales, table, blocksize, whole, mode, _streams(array), array)
@@ -207,11 +203,18 @@ def blockwise_4bit_in_major(data: Tensor, absmax: Tensor, code: Tensor, blocksiz
     """`blockwise_4bit` of a (rows, cols) weight written in-major, its transpose contiguous: returned as the
     (rows, cols) view of that (cols, rows) memory, the same values. Only where `in_major_fits`."""
     rows, cols = shape
+    arrays = _4bit_arrays(data, absmax, code)
     result, array, mode = _target(rows * cols, dtype, out)
-    _kernel("blockwise_4bit_in_major")(_array(data), _array(absmax.float().contiguous()),
-                                       _array(code.float().cpu()[:16].contiguous()), blocksize, rows, cols, mode,
-                                       _streams(array, rows), array)
+    _kernel("blockwise_4bit_in_major")(*arrays, blocksize, rows, cols, mode, _streams(array, rows), array)
     return result.view(cols, rows).t()
+
+
+def _4bit_arrays(data: Tensor, absmax: Tensor, code: Tensor):
+    """The 4-bit kernels' arrays: packed bytes, fp32 block scales, the 16-value fp32 code table (checked)."""
+    if code.numel() < 16:
+        raise ValueError(f"a 4-bit code table has 16 values, this one {code.numel()}; pass the layer's "
+                         "quant_state.code (NF4 or FP4)")
+    return _array(data), _array(absmax.float().contiguous()), _array(code.float().cpu()[:16].contiguous())
 
 
 def blockwise_8bit(codes: Tensor, code: Tensor, absmax: Tensor, blocksize: int, offset: Tensor | float) -> Tensor:

@@ -276,6 +276,20 @@ def _rounded(builder, value, mode, half):
     return builder.select(mode_is(1), in_half, builder.select(mode_is(2), in_bf16, value))
 
 
+def _nibbles(builder, raw):
+    # The 32 codes of 16 packed bytes (<16 x i8>), each byte's high nibble first: (high, low) as i32 lanes.
+    words = ir.VectorType(_I32, 16)
+    byte = builder.zext(raw, words)
+    return builder.lshr(byte, ir.Constant(words, [4] * 16)), builder.and_(byte, ir.Constant(words, [15] * 16))
+
+
+def _nibble_index(builder, high, low):
+    # `vpermw` indices in code order from `_nibbles`: one 32-bit lane = (high, low) 16-bit indices.
+    words = high.type
+    return builder.bitcast(builder.or_(high, builder.shl(low, ir.Constant(words, [16] * 16))),
+                           ir.VectorType(_I16, 32))
+
+
 @intrinsic
 def _lookup_32(typingctx, out, out_at, packed, packed_at, table, stream):
     # out[out_at : out_at + 32] = table[q] for the 32 codes of packed[packed_at : packed_at + 16], each
@@ -289,13 +303,9 @@ def _lookup_32(typingctx, out, out_at, packed, packed_at, table, stream):
         words = ir.VectorType(_I32, 16)
         raw = builder.load(_address(context, builder, sig.args[2], packed_v, packed_at_v, ir.VectorType(_I8, 16)),
                            align=1)
-        byte = builder.zext(raw, words)
-        high = builder.lshr(byte, ir.Constant(words, [4] * 16))
-        low = builder.and_(byte, ir.Constant(words, [15] * 16))
-        if half:                                                           # one 32-bit lane = (high, low) indices
-            index = builder.bitcast(builder.or_(high, builder.shl(low, ir.Constant(words, [16] * 16))),
-                                    ir.VectorType(_I16, 32))
-            parts = [_permute(context, builder, sig.args[4], table_v, index)]
+        high, low = _nibbles(builder, raw)
+        if half:
+            parts = [_permute(context, builder, sig.args[4], table_v, _nibble_index(builder, high, low))]
         else:
             first, second = (_permute(context, builder, sig.args[4], table_v, index) for index in (high, low))
             orders = ([i // 2 + 8 * part + (16 if i % 2 else 0) for i in range(16)] for part in range(2))
@@ -434,11 +444,7 @@ def _in_major_tile(typingctx, out, out_at, out_stride, packed, packed_at, packed
             start = builder.add(packed_at_v, builder.mul(packed_stride_v, ir.Constant(packed_stride_v.type, r)))
             raw = builder.load(_address(context, builder, sig.args[3], packed_v, start, ir.VectorType(_I8, 16)),
                                align=1)
-            byte = builder.zext(raw, words)
-            nibbles = builder.or_(builder.lshr(byte, ir.Constant(words, [4] * 16)),
-                                  builder.shl(builder.and_(byte, ir.Constant(words, [15] * 16)),
-                                              ir.Constant(words, [16] * 16)))
-            index = builder.bitcast(nibbles, ir.VectorType(_I16, 32))         # high nibble first, as stored
+            index = _nibble_index(builder, *_nibbles(builder, raw))
             return _call(builder, "llvm.x86.avx512.permvar.hi.512", index.type, table, index)
 
         # (row 2p, row 2p + 1) pairs of columns 8L + j (j < 4; the second half: 8L + 4 + j) in 32-bit lane 4L + j
@@ -751,7 +757,6 @@ def _awq_rows_rounded(typingctx, out, out_at, out_stride, rows, qweight, word_at
         parts = range(2 if half else 1)                                # 16 columns (2 words) each
         groups = [_zero_scale(context, builder, sig.args[7], zeros_v, sig.args[8], scales_v,
                               builder.add(at_v, ir.Constant(at_v.type, 16 * k))) for k in parts]
-
         for r in range(count):
             step = ir.Constant(words_v.type, r)
             values = []
@@ -761,7 +766,6 @@ def _awq_rows_rounded(typingctx, out, out_at, out_stride, rows, qweight, word_at
                 values.append(_rounded(builder, _affine(builder, codes, *groups[k]), mode_v, half))
             _store(context, builder, sig.args[0], out_v, builder.add(out_at_v, builder.mul(out_stride_v, step)),
                    _joined(builder, values), stream_v)
-
         return context.get_dummy_value()
 
     return sig, codegen
